@@ -1,0 +1,148 @@
+"""Profiles (``params/*.yaml``), project paths and version records.
+
+A profile file has a ``common`` section (profile name, seed, data and output folders, synthetic
+cohort settings) and a ``notebooks`` section with one mapping per notebook stem. Each notebook gets
+the common values it declares in its ``parameters`` cell plus its own section; a key in a section
+that the notebook does not declare is an error (a typo would otherwise be silently ignored).
+
+Relative paths in a profile are relative to the project root (the folder holding ``pyproject.toml``
+and ``crossmoda_lib/``), whatever the working directory, so the same profile works from
+``run_all.sh``, from JupyterLab (whose working directory is ``notebooks/``) and from tests.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crossmoda_lib import io as cio
+
+COMMON_KEYS = ("profile", "seed", "data_source", "data_dir", "output_dir", "synth_cases_per_centre", "synth_fov")
+DATA_SOURCES = ("synthetic", "real")
+
+
+class ProfileError(ValueError):
+    """A profile file is malformed; the message names the file and the key."""
+
+
+def project_root(start: Path | str | None = None) -> Path:
+    """The project root: the first folder upwards from ``start`` (default: the working directory)
+    holding both ``pyproject.toml`` and ``crossmoda_lib/``; else the folder above this package."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "crossmoda_lib").is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: Path | str, root: Path | None = None) -> Path:
+    """An absolute path: ``path`` itself if absolute, else relative to the project root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (root or project_root()) / p
+
+
+def load_profile(path: Path | str) -> dict[str, Any]:
+    """Read and check a profile file.
+
+    Raises:
+        ProfileError: missing file, bad YAML, missing or unknown common keys, bad values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path}: profile file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("common"), dict):
+        raise ProfileError(f"{path}: expected a mapping with a 'common' section")
+    common = data["common"]
+    missing = [k for k in COMMON_KEYS if k not in common]
+    if missing:
+        raise ProfileError(f"{path}: common section lacks {missing}")
+    unknown = [k for k in common if k not in COMMON_KEYS]
+    if unknown:
+        raise ProfileError(f"{path}: unknown common key(s) {unknown}; known: {list(COMMON_KEYS)}")
+    if common["data_source"] not in DATA_SOURCES:
+        raise ProfileError(f"{path}: common.data_source must be one of {DATA_SOURCES}, not {common['data_source']!r}")
+    notebooks = data.get("notebooks") or {}
+    if not isinstance(notebooks, dict) or not all(isinstance(v, dict) for v in notebooks.values()):
+        raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")
+    return {"path": str(path), "common": dict(common), "notebooks": {k: dict(v) for k, v in notebooks.items()}}
+
+
+def notebook_parameters(profile: dict[str, Any], notebook: str, declared: dict[str, Any]) -> dict[str, Any]:
+    """Parameters to inject into one notebook.
+
+    Args:
+        profile: from :func:`load_profile`.
+        notebook: the notebook's stem, e.g. ``01_preprocess``.
+        declared: the notebook's parameters (names to defaults), e.g. from papermill's
+            ``inspect_notebook``.
+
+    Raises:
+        ProfileError: the profile's section for this notebook has a key the notebook does not declare.
+    """
+    section = profile["notebooks"].get(notebook, {})
+    unknown = sorted(set(section) - set(declared))
+    if unknown:
+        raise ProfileError(f"{profile['path']}: notebooks.{notebook} has key(s) {unknown} that notebooks/{notebook}.ipynb does not declare")
+    params = {k: v for k, v in profile["common"].items() if k in declared}
+    params.update(section)
+    return params
+
+
+def prepare_data(data_source: str, data_dir: Path | str, seed: int, synth_cases_per_centre: int, synth_fov: str) -> Path:
+    """Make sure the data folder holds data: generate the synthetic cohort into it when it is missing
+    or empty (``data_source: synthetic``); for real data, check that it exists.
+
+    Returns:
+        The absolute data folder.
+
+    Raises:
+        DataError: real data missing or empty (the message says how to point the profile at it).
+    """
+    from crossmoda_lib import synth
+
+    path = resolve_path(data_dir)
+    if data_source == "synthetic":
+        synth.ensure_cohort(path, seed=seed, cases_per_centre=synth_cases_per_centre, fov=synth_fov)
+    elif not path.is_dir() or not any(path.iterdir()):
+        raise cio.DataError(
+            f"{path}: real data folder is missing or empty. Download the crossMoDA 2022 data and set "
+            "common.data_dir in the profile to the folder holding training_source/, training_target/ "
+            "and validation/ (or set common.data_source: synthetic)."
+        )
+    return path
+
+
+def stage_dir(output_dir: Path | str, stage: str) -> Path:
+    """The folder of one stage's outputs, e.g. ``outputs/demo/01_preprocess``."""
+    return resolve_path(output_dir) / stage
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that matter for results."""
+    out = {"python": platform.python_version()}
+    for dist in ("crossmoda-companion", "torch", "monai", "SimpleITK", "numpy", "scipy", "papermill"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The project's git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    root = root or project_root()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")

@@ -1,0 +1,600 @@
+"""Reading, writing and validating crossMoDA 2022 data.
+
+Every stage calls :func:`validate_dataset` (or :func:`check_image_file` for loose files) before any
+long work, so that a bad file is reported by name *before* hours of training, never silently used.
+
+Why the gzip stream is checked by hand: SimpleITK (through niftilib's znzlib) reads a truncated
+``.nii.gz`` without complaint and fills the missing voxels with zeros. We therefore inflate the whole
+stream with :mod:`zlib` first, which verifies the deflate data and the gzip CRC32 and length trailer.
+The NIfTI-1 header is parsed from the same bytes (spacing sign, dimensionality, ``scl_slope``), so
+problems that ITK would silently "fix" (negative pixdim is read as its absolute value) are reported.
+
+Writes are atomic: the image goes to a temporary file in the destination folder and is renamed into
+place, so an interrupted run never leaves a half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Name pattern of crossMoDA 2022 files (DESIGN.md section 3.1).
+NAME_PATTERN = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_(\d+)_(ceT1|hrT2|Label)\.nii\.gz$")
+#: Ground-truth labels of hrT2 volumes (synthetic cohort, or any truth folder).
+TRUTH_PATTERN = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_(\d+)_hrT2_Label\.nii\.gz$")
+#: Splits of the 2022 layout and the modality each holds.
+SPLITS: dict[str, str] = {
+    "training_source": "ceT1",
+    "training_target": "hrT2",
+    "validation": "hrT2",
+}
+CENTRES = {"ldn": "London", "etz": "Tilburg"}
+LABEL_VALUES = {0: "background", 1: "VS", 2: "cochlea"}
+
+#: Geometry tolerances for image/label agreement (ITK's own default is 1e-6 relative to spacing,
+#: too strict for files written by different tools; 1e-3 mm or 1e-4 of a voxel is far below any
+#: resampling effect).
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_VOXELS = 1e-3
+DIRECTION_ATOL = 1e-4
+OBLIQUE_ATOL = 1e-3
+
+_GZIP_CHUNK = 1 << 20
+
+
+class DataError(ValueError):
+    """Raised when input data is invalid; the message lists every problem, each naming its file."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of a validation: a file (or folder), a reason, and whether it is fatal."""
+
+    path: str
+    reason: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        kind = "ERROR" if self.fatal else "WARNING"
+        return f"{kind} {self.path}: {self.reason}"
+
+
+@dataclass
+class NiftiHeader:
+    """The fields of a NIfTI-1 header that validation needs."""
+
+    dims: tuple[int, ...]
+    pixdim: tuple[float, ...]
+    datatype: int
+    scl_slope: float
+    scl_inter: float
+    qform_code: int
+    sform_code: int
+    vox_offset: int
+
+    @property
+    def scaled(self) -> bool:
+        """True when stored values are rescaled on reading (slope not 0/1 or intercept not 0)."""
+        slope_is_identity = self.scl_slope in (0.0, 1.0) or not np.isfinite(self.scl_slope)
+        return not slope_is_identity or (np.isfinite(self.scl_inter) and self.scl_inter != 0.0)
+
+
+@dataclass
+class FileInfo:
+    """What validation learnt about one readable image file."""
+
+    path: Path
+    split: str
+    case: str
+    centre: str
+    modality: str
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    labels: tuple[int, ...] = ()
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of :func:`validate_dataset`: problems (errors and warnings) and per-file facts."""
+
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    files: list[FileInfo] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if not p.fatal]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add(self, path: Path | str, reason: str, fatal: bool = True) -> None:
+        self.problems.append(Problem(str(path), reason, fatal))
+
+    def raise_if_errors(self) -> None:
+        """Raise :class:`DataError` listing every error (warnings are not fatal)."""
+        if self.errors:
+            lines = "\n".join(str(p) for p in self.errors)
+            raise DataError(f"{len(self.errors)} problem(s) in {self.root}:\n{lines}")
+
+    def summary(self) -> str:
+        """A short human-readable summary: cases per split and centre, spacings and shapes."""
+        lines = [f"crossMoDA data at {self.root}"]
+        for split, modality in SPLITS.items():
+            infos = [f for f in self.files if f.split == split and f.modality == modality]
+            lines.append(f"  {split}: {len(infos)} {modality} volume(s)")
+            for centre in sorted({f.centre for f in infos}):
+                sub = [f for f in infos if f.centre == centre]
+                spacings = sorted({tuple(round(s, 3) for s in f.spacing) for f in sub})
+                shapes = sorted({f.size for f in sub})
+                lines.append(
+                    f"    {centre}: {len(sub)} case(s); spacings (mm) {_fmt_set(spacings)}; "
+                    f"shapes {_fmt_set(shapes)}"
+                )
+        truth = [f for f in self.files if f.split == "synthetic_truth"]
+        if truth:
+            lines.append(f"  synthetic_truth: {len(truth)} hrT2 label(s)")
+        lines.append(f"  {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+        return "\n".join(lines)
+
+
+def _fmt_set(items: list[tuple]) -> str:
+    shown = ", ".join("x".join(str(v) for v in it) for it in items[:4])
+    return shown + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+
+def parse_case_name(name: str) -> tuple[str, str, str] | None:
+    """Split a crossMoDA file name into (case id, centre code, modality); None if it does not match.
+
+    Args:
+        name: a file name such as ``crossmoda2022_etz_12_ceT1.nii.gz``.
+
+    Returns:
+        ``("crossmoda2022_etz_12", "etz", "ceT1")`` or None.
+    """
+    m = NAME_PATTERN.match(name)
+    if not m:
+        return None
+    return f"crossmoda{m.group(1)}_{m.group(2)}_{m.group(3)}", m.group(2), m.group(4)
+
+
+def centre_of(case: str) -> str:
+    """London or Tilburg, from a case id or file name."""
+    for code, centre in CENTRES.items():
+        if f"_{code}_" in case:
+            return centre
+    raise ValueError(f"{case}: not a crossMoDA case name (no _ldn_ or _etz_)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Low-level file checks
+# --------------------------------------------------------------------------------------------------
+
+
+def read_gzip_checked(path: Path) -> bytes:
+    """Inflate a whole gzip file, verifying its deflate stream, CRC32 and length trailer.
+
+    Args:
+        path: a ``.gz`` file.
+
+    Returns:
+        The decompressed bytes.
+
+    Raises:
+        DataError: the file is not gzip, is corrupt, or is truncated (message names the file).
+    """
+    try:
+        with gzip.open(path, "rb") as fh:
+            chunks = []
+            while chunk := fh.read(_GZIP_CHUNK):
+                chunks.append(chunk)
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip stream (the file ends before the gzip trailer)")
+    except gzip.BadGzipFile as exc:
+        raise DataError(f"{path}: corrupt gzip ({exc})")
+    except (zlib.error, OSError) as exc:
+        raise DataError(f"{path}: corrupt gzip ({exc})")
+    return b"".join(chunks)
+
+
+def parse_nifti1_header(raw: bytes, path: Path | str = "<bytes>") -> NiftiHeader:
+    """Parse the fields of a NIfTI-1 header that validation uses.
+
+    Args:
+        raw: the decompressed file (at least the first 348 bytes).
+        path: for error messages.
+
+    Raises:
+        DataError: not a NIfTI-1 header (wrong ``sizeof_hdr`` in either byte order) or too short.
+    """
+    if len(raw) < 348:
+        raise DataError(f"{path}: too short for a NIfTI header ({len(raw)} bytes)")
+    for endian in "<>":
+        if struct.unpack(endian + "i", raw[:4])[0] == 348:
+            break
+    else:
+        if struct.unpack("<i", raw[:4])[0] == 540:
+            raise DataError(f"{path}: NIfTI-2 files are not supported; convert to NIfTI-1")
+        raise DataError(f"{path}: not a NIfTI-1 file (sizeof_hdr is not 348)")
+    dims = struct.unpack(endian + "8h", raw[40:56])
+    datatype = struct.unpack(endian + "h", raw[70:72])[0]
+    pixdim = struct.unpack(endian + "8f", raw[76:108])
+    slope, inter = struct.unpack(endian + "2f", raw[112:120])
+    qform, sform = struct.unpack(endian + "2h", raw[252:256])
+    vox_offset = struct.unpack(endian + "f", raw[108:112])[0]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7:
+        raise DataError(f"{path}: invalid NIfTI dim[0] = {ndim}")
+    return NiftiHeader(
+        dims=tuple(int(d) for d in dims[1 : ndim + 1]),
+        pixdim=tuple(float(p) for p in pixdim[1 : ndim + 1]),
+        datatype=int(datatype),
+        scl_slope=float(slope),
+        scl_inter=float(inter),
+        qform_code=int(qform),
+        sform_code=int(sform),
+        vox_offset=int(vox_offset),
+    )
+
+
+def _nifti_data_bytes(header: NiftiHeader) -> int:
+    bits = {2: 8, 4: 16, 8: 32, 16: 32, 64: 64, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64}
+    nbits = bits.get(header.datatype)
+    if nbits is None:
+        return -1
+    return int(np.prod(header.dims, dtype=np.int64)) * nbits // 8
+
+
+def check_image_file(path: Path, *, is_label: bool = False) -> tuple[sitk.Image | None, list[Problem]]:
+    """Check one NIfTI file and read it.
+
+    Checks, in order: gzip integrity (truncation, corruption), NIfTI-1 header, dimensionality (3D, or
+    4D with a singleton 4th axis), spacing > 0, data length, readability by SimpleITK, finite values,
+    not constant (images), integer values in {0, 1, 2} (labels). Warnings: oblique direction, scaled
+    integer storage, empty label.
+
+    Args:
+        path: the ``.nii.gz`` (or ``.nii``) file.
+        is_label: check label values instead of image contrast.
+
+    Returns:
+        The image (3D; None when it could not be read) and the problems found.
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+
+    def fail(reason: str) -> tuple[None, list[Problem]]:
+        problems.append(Problem(str(path), reason))
+        return None, problems
+
+    if not path.is_file():
+        return fail("missing or not a regular file")
+    try:
+        raw = read_gzip_checked(path) if path.name.endswith(".gz") else path.read_bytes()
+        header = parse_nifti1_header(raw, path)
+    except DataError as exc:
+        return fail(str(exc).split(": ", 1)[1])
+    dims = header.dims
+    if len(dims) == 4 and dims[3] == 1:
+        dims = dims[:3]
+    if len(dims) != 3:
+        return fail(f"not a 3D volume (dimensions {'x'.join(map(str, header.dims))})")
+    if any(d < 1 for d in dims):
+        return fail(f"invalid size {'x'.join(map(str, dims))}")
+    spacing = header.pixdim[:3]
+    if any(not np.isfinite(s) or s <= 0 for s in spacing):
+        return fail(f"zero, negative or non-finite voxel spacing {tuple(round(s, 4) for s in spacing)}")
+    expected = _nifti_data_bytes(header)
+    if expected > 0 and len(raw) < header.vox_offset + expected:
+        return fail(f"data too short ({len(raw) - header.vox_offset} bytes for {expected} expected)")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        return fail(f"unreadable by SimpleITK ({first})")
+    if image.GetDimension() == 4:
+        image = image[:, :, :, 0]
+    arr = sitk.GetArrayViewFromImage(image)
+    if not is_label and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        n_nan = int(np.isnan(arr).sum())
+        n_inf = int(np.isinf(arr).sum())
+        return fail(f"non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
+    if is_label:
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                return fail("label has NaN or Inf voxels")
+            if not np.all(arr == np.round(arr)):
+                return fail("label values are not integers")
+        values = np.unique(arr)
+        bad = [v for v in values.tolist() if v not in LABEL_VALUES]
+        if bad:
+            return fail(f"label values {bad[:5]} outside {{0, 1, 2}}")
+        if values.size == 1 and values[0] == 0:
+            problems.append(Problem(str(path), "empty label (no VS, no cochlea)", fatal=False))
+    else:
+        if float(arr.min()) == float(arr.max()):
+            return fail(f"constant image (every voxel is {float(arr.min()):g})")
+    if header.scaled:
+        problems.append(
+            Problem(
+                str(path),
+                f"scaled integer storage (scl_slope={header.scl_slope:g}, scl_inter={header.scl_inter:g}); "
+                "values are rescaled on reading",
+                fatal=False,
+            )
+        )
+    if is_oblique(image):
+        problems.append(Problem(str(path), "oblique direction cosines (not axis-aligned)", fatal=False))
+    return image, problems
+
+
+def is_oblique(image: sitk.Image) -> bool:
+    """True when the direction matrix is not a signed permutation (within :data:`OBLIQUE_ATOL`)."""
+    d = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    return not np.allclose(np.sort(d, axis=1)[:, :2], 0.0, atol=OBLIQUE_ATOL)
+
+
+def geometry_mismatch(a: sitk.Image, b: sitk.Image) -> str | None:
+    """Describe how two images' grids differ (size, spacing, origin, direction), or None if they agree.
+
+    Tolerances: spacing relative 1e-4; origin 1e-3 of a voxel; direction cosines 1e-4.
+    """
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs {b.GetSize()}"
+    sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
+    if not np.allclose(sa, sb, rtol=SPACING_RTOL, atol=0):
+        return f"spacing {tuple(np.round(sa, 5))} vs {tuple(np.round(sb, 5))} mm"
+    oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
+    if np.any(np.abs(oa - ob) > ORIGIN_ATOL_VOXELS * sa):
+        return f"origin {tuple(np.round(oa, 4))} vs {tuple(np.round(ob, 4))} mm"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=DIRECTION_ATOL):
+        return "direction cosines differ"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _geometry(image: sitk.Image) -> dict:
+    return {
+        "size": tuple(int(v) for v in image.GetSize()),
+        "spacing": tuple(float(v) for v in image.GetSpacing()),
+        "origin": tuple(float(v) for v in image.GetOrigin()),
+        "direction": tuple(float(v) for v in image.GetDirection()),
+    }
+
+
+def validate_dataset(root: Path | str, *, check_truth: bool = True) -> ValidationReport:
+    """Validate a folder in the crossMoDA 2022 layout; never stops half way and writes nothing.
+
+    Errors: missing folder or empty split; file names not matching the pattern or the split's
+    modality; every per-file error of :func:`check_image_file`; a ceT1 without its Label (or a Label
+    without its ceT1); image/label geometry mismatch. Warnings: empty labels, oblique directions,
+    scaled integer storage, cases missing from ``infos_source_training.csv``.
+
+    Args:
+        root: the data folder (holding ``training_source/``, ``training_target/``, ``validation/``).
+        check_truth: also validate ``synthetic_truth/`` when it exists.
+
+    Returns:
+        A :class:`ValidationReport`.
+    """
+    root = Path(root)
+    report = ValidationReport(root=root)
+    if not root.is_dir():
+        report.add(root, "data folder does not exist")
+        return report
+    hrt2_images: dict[str, sitk.Image] = {}
+    for split, modality in SPLITS.items():
+        folder = root / split
+        if not folder.is_dir():
+            report.add(folder, "missing split folder")
+            continue
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        if not names:
+            report.add(folder, "empty split (no files)")
+            continue
+        images: dict[str, sitk.Image] = {}
+        labels: dict[str, Path] = {}
+        for name in names:
+            path = folder / name
+            parsed = parse_case_name(name)
+            if parsed is None:
+                report.add(path, "name does not match crossmoda(2021|2022)_(ldn|etz)_<n>_(ceT1|hrT2|Label).nii.gz")
+                continue
+            case, centre_code, kind = parsed
+            if kind == "Label":
+                if split != "training_source":
+                    report.add(path, f"labels do not belong in {split}/")
+                    continue
+                labels[case] = path
+                continue
+            if kind != modality:
+                report.add(path, f"{kind} file in {split}/ (expected {modality})")
+                continue
+            image, probs = check_image_file(path)
+            report.problems.extend(probs)
+            if image is None:
+                continue
+            images[case] = image
+            g = _geometry(image)
+            report.files.append(FileInfo(path, split, case, CENTRES[centre_code], modality, **g))
+            if modality == "hrT2":
+                hrt2_images[case] = image
+        if split == "training_source":
+            _check_labels(report, folder, images, labels, split)
+    truth = root / "synthetic_truth"
+    if check_truth and truth.is_dir():
+        _check_truth(report, truth, hrt2_images)
+    _check_infos(report, root)
+    return report
+
+
+def _check_labels(
+    report: ValidationReport, folder: Path, images: dict[str, sitk.Image], labels: dict[str, Path], split: str
+) -> None:
+    """Pair ceT1 images with their labels and check label content and geometry."""
+    for case in sorted(set(labels) - set(images)):
+        if not (folder / f"{case}_ceT1.nii.gz").exists():
+            report.add(labels[case], "Label without its ceT1 image")
+    for case, image in sorted(images.items()):
+        if case not in labels:
+            report.add(folder / f"{case}_ceT1.nii.gz", f"ceT1 without its Label ({case}_Label.nii.gz missing)")
+            continue
+        _check_label_against(report, labels[case], image, split, "ceT1")
+
+
+def _check_label_against(report: ValidationReport, path: Path, image: sitk.Image, split: str, modality: str) -> None:
+    label, probs = check_image_file(path, is_label=True)
+    report.problems.extend(probs)
+    if label is None:
+        return
+    mismatch = geometry_mismatch(image, label)
+    if mismatch:
+        report.add(path, f"geometry differs from its {modality} image: {mismatch}")
+        return
+    values = tuple(int(v) for v in np.unique(sitk.GetArrayViewFromImage(label)))
+    parsed = TRUTH_PATTERN.match(path.name) or NAME_PATTERN.match(path.name)
+    case = f"crossmoda{parsed.group(1)}_{parsed.group(2)}_{parsed.group(3)}"
+    report.files.append(
+        FileInfo(path, split, case, centre_of(case), "Label", labels=values, **_geometry(label))
+    )
+
+
+def _check_truth(report: ValidationReport, truth: Path, hrt2_images: dict[str, sitk.Image]) -> None:
+    for path in sorted(p for p in truth.iterdir() if not p.name.startswith(".")):
+        m = TRUTH_PATTERN.match(path.name)
+        if not m:
+            report.add(path, "name does not match <case>_hrT2_Label.nii.gz")
+            continue
+        case = f"crossmoda{m.group(1)}_{m.group(2)}_{m.group(3)}"
+        if case not in hrt2_images:
+            report.add(path, "truth label without a matching hrT2 in training_target/ or validation/")
+            continue
+        _check_label_against(report, path, hrt2_images.pop(case), "synthetic_truth", "hrT2")
+    for case in sorted(hrt2_images):
+        report.add(truth, f"no truth label for {case} ({case}_hrT2_Label.nii.gz)", fatal=False)
+
+
+def _check_infos(report: ValidationReport, root: Path) -> None:
+    infos = root / "infos_source_training.csv"
+    if not infos.exists():
+        return
+    import csv
+
+    try:
+        with infos.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        report.add(infos, f"unreadable CSV ({exc})")
+        return
+    if not rows or not {"crossmoda_name", "koos"} <= set(rows[0]):
+        report.add(infos, "expected columns crossmoda_name, koos")
+        return
+    known = {r["crossmoda_name"] for r in rows}
+    for f in report.files:
+        if f.split == "training_source" and f.modality == "ceT1" and f.case not in known:
+            report.add(infos, f"no Koos grade for {f.case}", fatal=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+def _temp_sibling(path: Path, suffix: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_image(image: sitk.Image, path: Path | str, *, compress: bool = True) -> Path:
+    """Write an image atomically (temporary file in the same folder, then rename).
+
+    Args:
+        image: the image.
+        path: destination (``.nii.gz`` or ``.nii``); parent folders are created.
+        compress: gzip the data (byte-identical output for identical input).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = _temp_sibling(path, suffix)
+    try:
+        sitk.WriteImage(image, str(tmp), compress)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_scaled_nifti(image: sitk.Image, path: Path | str, slope: float, inter: float = 0.0) -> Path:
+    """Write an integer image with NIfTI ``scl_slope``/``scl_inter`` set, atomically.
+
+    SimpleITK always writes slope 1; Philips-like files (Tilburg) store raw integers with a scaling.
+    The header fields are patched in the uncompressed stream and the result gzipped with mtime 0, so
+    output bytes are deterministic. Reading the file returns ``stored * slope + inter``.
+
+    Args:
+        image: the *stored* integer image.
+        path: destination ``.nii.gz``.
+        slope: ``scl_slope``.
+        inter: ``scl_inter``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw_tmp = _temp_sibling(path, ".nii")
+    try:
+        sitk.WriteImage(image, str(raw_tmp), False)
+        raw = bytearray(raw_tmp.read_bytes())
+    finally:
+        raw_tmp.unlink(missing_ok=True)
+    raw[112:120] = struct.pack("<2f", slope, inter)
+    write_bytes_atomic(path, gzip.compress(bytes(raw), compresslevel=6, mtime=0))
+    return path
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
+    """Write bytes atomically (temporary sibling file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, path.suffix)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def iter_split(root: Path | str, split: str) -> Iterable[tuple[str, Path]]:
+    """Yield ``(case, image path)`` of one split's images in name order."""
+    modality = SPLITS[split]
+    for path in sorted((Path(root) / split).glob(f"*_{modality}.nii.gz")):
+        parsed = parse_case_name(path.name)
+        if parsed:
+            yield parsed[0], path

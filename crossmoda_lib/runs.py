@@ -1,0 +1,118 @@
+"""Headless execution of the notebooks with papermill (what ``run_all.sh`` calls).
+
+Every notebook ``notebooks/NN_*.ipynb`` that exists is executed in order with the parameters of one
+profile, with the ``python3`` kernel of the running environment and ``notebooks/`` as working
+directory (as in JupyterLab). Executed copies go to ``outputs/<profile>/executed/``. The first
+failing notebook stops the run, is named in the error, and its executed copy shows the failing cell.
+``outputs/<profile>/run_manifest.json`` records parameters, versions, the seed, each notebook's wall
+time and the git commit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from crossmoda_lib import config
+from crossmoda_lib import io as cio
+
+KERNEL_NAME = "python3"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names it and where its executed copy is."""
+
+
+def discover_notebooks(root: Path | None = None) -> list[Path]:
+    """The stage notebooks (``notebooks/NN_*.ipynb``) in order."""
+    root = root or config.project_root()
+    return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def declared_parameters(notebook: Path) -> dict:
+    """Names and default values of a notebook's ``parameters`` cell (as papermill reads them)."""
+    import papermill
+
+    found = papermill.inspect_notebook(str(notebook))
+    return {name: _literal(info["default"]) for name, info in found.items()}
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *, progress: bool = True, kernel_name: str = KERNEL_NAME) -> dict:
+    """Execute the notebooks with one profile.
+
+    Args:
+        profile_path: a ``params/*.yaml`` file.
+        notebooks: notebook stems to run (default: all that exist).
+        progress: papermill's per-cell progress bar.
+        kernel_name: the Jupyter kernel.
+
+    Returns:
+        The run manifest.
+
+    Raises:
+        ProfileError: bad profile (before anything runs).
+        DataError: the data folder is unusable (before anything runs).
+        NotebookFailed: a notebook failed (later notebooks are not run).
+    """
+    import papermill
+
+    root = config.project_root()
+    profile = config.load_profile(profile_path)
+    common = profile["common"]
+    available = discover_notebooks(root)
+    if notebooks:
+        by_stem = {p.stem: p for p in available}
+        missing = [n for n in notebooks if n not in by_stem]
+        if missing:
+            raise config.ProfileError(f"no notebook(s) {missing} in {root / 'notebooks'}")
+        available = [by_stem[n] for n in notebooks]
+    plan = [(nb, config.notebook_parameters(profile, nb.stem, declared_parameters(nb))) for nb in available]
+    unknown_sections = sorted(set(profile["notebooks"]) - {p.stem for p in discover_notebooks(root)})
+    if unknown_sections:
+        raise config.ProfileError(f"{profile_path}: notebooks section(s) {unknown_sections} match no notebook")
+    out_root = config.resolve_path(common["output_dir"], root)
+    data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"])
+    report = cio.validate_dataset(data_dir)
+    report.raise_if_errors()
+    executed = out_root / "executed"
+    executed.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "profile": common["profile"],
+        "profile_file": str(profile_path),
+        "parameters": {"common": common, "notebooks": profile["notebooks"]},
+        "seed": common["seed"],
+        "data_dir": str(data_dir),
+        "versions": config.versions(),
+        "git_commit": config.git_commit(root),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notebooks": [],
+    }
+    manifest_path = out_root / "run_manifest.json"
+    for nb, params in plan:
+        target = executed / nb.name
+        t0 = time.perf_counter()
+        entry = {"notebook": f"notebooks/{nb.name}", "executed": str(target), "parameters": params}
+        try:
+            papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent), progress_bar=progress)
+        except papermill.PapermillExecutionError as exc:
+            entry.update(status="failed", wall_s=round(time.perf_counter() - t0, 2), error=f"{exc.ename}: {exc.evalue}")
+            manifest["notebooks"].append(entry)
+            cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+            raise NotebookFailed(f"notebooks/{nb.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n  executed copy: {target}") from exc
+        entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 2))
+        manifest["notebooks"].append(entry)
+        cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
