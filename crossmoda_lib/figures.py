@@ -53,10 +53,11 @@ def axial_slice(image: sitk.Image, z_mm: float) -> tuple[np.ndarray, tuple[float
     sx, sy, sz = image.GetSpacing()
     ox, oy, oz = image.GetOrigin()
     k = int(np.clip(round((z_mm - oz) / sz), 0, image.GetSize()[2] - 1))
-    arr = sitk.GetArrayViewFromImage(image)[k]
+    # A copy: a view would borrow the image's memory, and matplotlib keeps the array until it draws.
+    arr = np.array(sitk.GetArrayViewFromImage(image)[k])
     nx, ny = image.GetSize()[:2]
     extent = (ox - sx / 2, ox + (nx - 0.5) * sx, oy + (ny - 0.5) * sy, oy - sy / 2)
-    return np.asarray(arr), extent
+    return arr, extent
 
 
 def label_centroid_mm(label: sitk.Image, value: int) -> np.ndarray | None:

@@ -117,13 +117,17 @@ def crop_centre(image: sitk.Image, percentile: float = 75.0) -> np.ndarray:
     top), so the rule never divides by zero.
     """
     arr = sitk.GetArrayViewFromImage(image)
-    threshold = np.percentile(arr, percentile)
+    return _centroid_above(image, arr, float(np.percentile(arr, percentile)))
+
+
+def _centroid_above(image: sitk.Image, arr: np.ndarray, threshold: float) -> np.ndarray:
     mask = arr > threshold
     if not mask.any():
         mask = arr >= threshold
-    kz, jy, ix = np.nonzero(mask)
-    mean_index = np.array([ix.mean(), jy.mean(), kz.mean()])
-    return lattice_of(image).point(mean_index)
+    # Mean index from the mask's projections (no list of voxel coordinates is built).
+    n = mask.sum(dtype=np.int64)
+    mean_index = [float((mask.sum(axis=axes, dtype=np.int64) * np.arange(mask.shape[a])).sum()) / n for a, axes in ((2, (0, 1)), (1, (0, 2)), (0, (1, 2)))]
+    return lattice_of(image).point(np.array(mean_index))
 
 
 def crop_window(image: sitk.Image, cfg: PreprocessConfig, centre: np.ndarray | None = None) -> tuple[Lattice, np.ndarray, Lattice]:
@@ -149,12 +153,23 @@ def _resample(image: sitk.Image, grid: Lattice, interpolator: int, default: floa
 def intensity_range(image: sitk.Image, percentiles: tuple[float, float]) -> tuple[float, float]:
     """(lo, hi) percentiles of the image; hi > lo guaranteed (falls back to min/max)."""
     arr = sitk.GetArrayViewFromImage(image)
-    lo, hi = (float(v) for v in np.percentile(arr, percentiles))
+    return _checked_range(arr, *(float(v) for v in np.percentile(arr, percentiles)))
+
+
+def _checked_range(arr: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     if hi <= lo:
         lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         raise cio.DataError("constant image: intensity normalisation is undefined")
     return lo, hi
+
+
+def image_statistics(image: sitk.Image, cfg: PreprocessConfig) -> tuple[np.ndarray, float, float]:
+    """Crop centre (mm) and intensity range from one percentile pass over the volume."""
+    arr = sitk.GetArrayViewFromImage(image)
+    p_lo, p_hi = cfg.intensity_percentiles
+    threshold, lo, hi = (float(v) for v in np.percentile(arr, [cfg.centre_percentile, p_lo, p_hi]))
+    return _centroid_above(image, arr, threshold), *_checked_range(arr, lo, hi)
 
 
 def normalise(image: sitk.Image, lo: float, hi: float) -> sitk.Image:
@@ -176,9 +191,8 @@ def preprocess_image(image: sitk.Image, label: sitk.Image | None, cfg: Preproces
     Returns:
         ``(image, label, info)``; info holds the crop centre, window and intensity range.
     """
-    centre = crop_centre(image, cfg.centre_percentile)
+    centre, lo, hi = image_statistics(image, cfg)
     full, start, grid = crop_window(image, cfg, centre)
-    lo, hi = intensity_range(image, cfg.intensity_percentiles)
     out = normalise(_resample(image, grid, sitk.sitkLinear, lo), lo, hi)
     out_label = _resample(label, grid, sitk.sitkNearestNeighbor, 0) if label is not None else None
     inside = [(max(0, start[a]), min(full.size[a], start[a] + grid.size[a])) for a in range(3)]
@@ -201,9 +215,8 @@ def resample_then_crop(image: sitk.Image, label: sitk.Image | None, cfg: Preproc
 
     Gives the same voxels as :func:`preprocess_image`; kept for tests and the benchmark.
     """
-    centre = crop_centre(image, cfg.centre_percentile)
+    centre, lo, hi = image_statistics(image, cfg)
     full, start, grid = crop_window(image, cfg, centre)
-    lo, hi = intensity_range(image, cfg.intensity_percentiles)
 
     def cut(img: sitk.Image, default: float) -> sitk.Image:
         arr = sitk.GetArrayFromImage(img)

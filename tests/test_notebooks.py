@@ -1,0 +1,121 @@
+"""Notebook conventions, profile agreement, and execution through the run_all.sh path (papermill)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from crossmoda_lib import config, runs
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = runs.discover_notebooks(ROOT)
+PROFILES = sorted((ROOT / "params").glob("*.yaml"))
+
+
+def test_there_are_notebooks_and_profiles():
+    assert [p.stem for p in NOTEBOOKS][:1] == ["01_preprocess"]
+    assert {"demo", "smoke", "paper"} <= {p.stem for p in PROFILES}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs_and_with_a_literal_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs before committing"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[0]
+    # Plain, typed values only: papermill injects after this cell, so derived values belong elsewhere.
+    for node in ast.parse(tagged[0].source).body:
+        assert isinstance(node, ast.AnnAssign) and node.value is not None, ast.dump(node)
+        ast.literal_eval(node.value)
+    assert nb.metadata.kernelspec.name == runs.KERNEL_NAME
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameter_defaults_equal_the_demo_profile(path):
+    declared = runs.declared_parameters(path)
+    demo = config.load_profile(ROOT / "params" / "demo.yaml")
+    injected = config.notebook_parameters(demo, path.stem, declared)
+    assert set(injected) == set(declared), f"demo.yaml lacks {sorted(set(declared) - set(injected))}"
+    for name, default in declared.items():
+        value = injected[name]
+        assert (list(value) if isinstance(value, tuple) else value) == default, f"{path.name}: {name} = {default!r} but demo.yaml has {value!r}"
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_every_profile_fits_every_notebook(profile):
+    loaded = config.load_profile(profile)
+    assert loaded["common"]["profile"] == profile.stem
+    assert loaded["common"]["output_dir"] == f"outputs/{profile.stem}"
+    for nb in NOTEBOOKS:
+        declared = runs.declared_parameters(nb)
+        params = config.notebook_parameters(loaded, nb.stem, declared)
+        assert set(params) == set(declared), (profile.name, nb.name)
+
+
+def test_profile_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    demo = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    demo["notebooks"]["01_preprocess"]["crop_szie"] = [1, 2]
+    bad.write_text(yaml.safe_dump(demo))
+    with pytest.raises(config.ProfileError, match=r"bad.yaml: notebooks.01_preprocess has key\(s\) \['crop_szie'\]"):
+        runs.run_profile(bad)
+    del demo["common"]["seed"]
+    bad.write_text(yaml.safe_dump(demo))
+    with pytest.raises(config.ProfileError, match="lacks"):
+        config.load_profile(bad)
+
+
+def _smoke_profile(tmp_path: Path, **overrides) -> Path:
+    profile = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    profile["common"]["data_dir"] = str(tmp_path / "data")
+    profile["common"]["output_dir"] = str(tmp_path / "outputs")
+    for key, value in overrides.items():
+        profile["notebooks"]["01_preprocess"][key] = value
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+@pytest.mark.notebook
+def test_01_executes_with_the_smoke_profile(tmp_path):
+    manifest = runs.run_profile(_smoke_profile(tmp_path), ["01_preprocess"], progress=False)
+    out = tmp_path / "outputs"
+    executed = nbformat.read(out / "executed" / "01_preprocess.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+    assert not any(o.get("output_type") == "error" for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert executed.metadata.papermill.parameters["crop_size"] == [176, 144]
+    stage = out / "01_preprocess"
+    for name in ("cases.csv", "label_volumes.csv", "manifest.json", "figures/cohort.png", "figures/before_after_london.png", "figures/before_after_tilburg.png"):
+        assert (stage / name).is_file(), name
+    assert len(list((stage / "source").glob("*_ceT1.nii.gz"))) == 4
+    saved = json.loads((out / "run_manifest.json").read_text())
+    assert saved["notebooks"][0]["status"] == "ok" and saved["seed"] == 0 and saved["git_commit"]
+    assert manifest["versions"]["torch"].startswith("2.13.0")
+    assert (tmp_path / "data" / "manifest.json").is_file(), "the synthetic cohort is generated on demand"
+
+
+@pytest.mark.notebook
+def test_a_failing_notebook_is_named_and_stops_the_run(tmp_path):
+    with pytest.raises(runs.NotebookFailed, match=r"notebooks/01_preprocess.ipynb failed .*crop_size"):
+        runs.run_profile(_smoke_profile(tmp_path, crop_size=[0, 0]), progress=False)
+    saved = json.loads((tmp_path / "outputs" / "run_manifest.json").read_text())
+    assert saved["notebooks"][-1]["status"] == "failed"
+
+
+def test_run_all_sh_rejects_an_unknown_profile():
+    venv = Path(sys.prefix)
+    if not (venv / ".crossmoda-installed").exists():
+        pytest.skip("tests are not running in the environment run_all.sh manages")
+    env = {**os.environ, "CROSSMODA_VENV": str(venv)}
+    result = subprocess.run(["bash", str(ROOT / "run_all.sh"), "no_such_profile"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "no profile params/no_such_profile.yaml" in result.stderr
