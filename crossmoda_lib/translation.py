@@ -1,0 +1,549 @@
+"""Stage 02-03: a 2D CycleGAN that translates ceT1 slices into pseudo-hrT2 (and back).
+
+A faithful single-channel version of the original implementation (Zhu et al. 2017,
+junyanz/pytorch-CycleGAN-and-pix2pix), written here because the original package is not
+installable as a library and has 3-channel image loading built in:
+
+* generator: ResNet (7x7 reflection-padded stem, two stride-2 downsamplings, ``n_blocks`` residual
+  blocks with reflection padding, two transposed-convolution upsamplings, 7x7 output conv, tanh),
+  instance normalisation without affine parameters, convolution biases on (as the original with
+  instance norm);
+* discriminator: the ``n_layers``-layer PatchGAN (4x4 convolutions, LeakyReLU 0.2, instance norm);
+  with 3 layers each output sees a 70x70 input patch;
+* losses: LSGAN (mean squared error to 1/0), cycle L1 weight ``lambda_cycle`` (10) in both
+  directions, identity L1 weight ``lambda_identity`` x ``lambda_cycle`` (0.5 x 10);
+* an image pool of 50 earlier fakes for the discriminators; Adam(2e-4, beta1 0.5); the learning rate
+  constant for ``n_epochs`` then linearly decaying to 0 over ``n_epochs_decay`` (original rule);
+  weights initialised N(0, 0.02); batch 1; random horizontal flips.
+
+Domain A is ceT1, domain B is hrT2: ``G_A`` maps ceT1 -> pseudo-hrT2, ``G_B`` hrT2 -> pseudo-ceT1,
+``D_A`` judges hrT2-domain images, ``D_B`` ceT1-domain images (the original's naming).
+
+Intensities: stage 01 leaves volumes in [0, 1]; the networks see ``2 x - 1`` in [-1, 1] (the tanh
+range) and outputs are mapped back with ``(y + 1) / 2``: an invertible, documented rule.
+
+Reproducibility: parameters are initialised from ``seed``; the data order, the unpaired hrT2 draws,
+the flips and the image pools use their own ``torch.Generator`` objects whose states are saved in
+every checkpoint with the models, optimisers, scheduler and pools, so a resumed run equals an
+uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmoda_lib import io as cio
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CycleGANConfig:
+    """Every CycleGAN setting; defaults are the paper's / the original implementation's.
+
+    Attributes:
+        ngf: generator width (filters of the first layer).
+        ndf: discriminator width.
+        n_blocks: residual blocks of the generator (9 at 256 px).
+        n_layers_d: PatchGAN layers (3: 70x70 receptive field).
+        image_size: (height, width) the slices are resized to for training and translation; None
+            keeps the stage-01 size. Both must be multiples of 4.
+        lambda_cycle: cycle-consistency weight (both directions).
+        lambda_identity: identity weight, relative to ``lambda_cycle``.
+        pool_size: image pool of earlier fakes (0 disables it).
+        lr: Adam learning rate.
+        beta1: Adam beta1.
+        n_epochs: epochs at constant learning rate.
+        n_epochs_decay: epochs of linear decay to 0.
+        batch_size: slices per iteration (paper: 1).
+        flip: random horizontal flips.
+        init_gain: standard deviation of the N(0, gain) weight initialisation.
+        seed: initialisation and sampling seed.
+        log_every: iterations between rows of ``losses.csv`` (means over the window).
+        checkpoint_every: iterations between checkpoints (and at every epoch end).
+    """
+
+    ngf: int = 64
+    ndf: int = 64
+    n_blocks: int = 9
+    n_layers_d: int = 3
+    image_size: tuple[int, int] | None = None
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.5
+    pool_size: int = 50
+    lr: float = 2e-4
+    beta1: float = 0.5
+    n_epochs: int = 100
+    n_epochs_decay: int = 100
+    batch_size: int = 1
+    flip: bool = True
+    init_gain: float = 0.02
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and any(int(s) % 4 for s in self.image_size):
+            raise ValueError(f"image_size must be multiples of 4 (two stride-2 downsamplings), not {self.image_size}")
+        for name in ("ngf", "ndf", "n_layers_d", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.n_blocks < 0 or self.n_epochs < 0 or self.n_epochs_decay < 0 or self.n_epochs + self.n_epochs_decay < 1:
+            raise ValueError("n_blocks >= 0 and at least one epoch are required")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size) if self.image_size else None
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------------
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class ResnetBlock(nn.Module):
+    """Two reflection-padded 3x3 convolutions with instance norm, added to the input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True), _norm(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True), _norm(dim),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """The CycleGAN ResNet generator (two downsamplings, ``n_blocks`` residual blocks)."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64, n_blocks: int = 9) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7, bias=True), _norm(ngf), nn.ReLU(True)]
+        for i in range(2):
+            mult = 2**i
+            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=True), _norm(ngf * mult * 2), nn.ReLU(True)]
+        layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
+        for i in range(2):
+            mult = 2 ** (2 - i)
+            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=True), _norm(ngf * mult // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """The ``n_layers`` PatchGAN: a map of real/fake scores, each over a square input patch."""
+
+    def __init__(self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=True), _norm(ndf * mult), nn.LeakyReLU(0.2, True)]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=True), _norm(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def receptive_field(model: nn.Module) -> int:
+    """Receptive field (pixels) of a plain stack of convolutions: ``1 + sum (k - 1) * prod(strides)``."""
+    rf, jump = 1, 1
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            rf += (m.kernel_size[0] - 1) * jump
+            jump *= m.stride[0]
+    return rf
+
+
+def init_weights(model: nn.Module, gain: float = 0.02) -> None:
+    """The original 'normal' initialisation: conv weights N(0, gain), biases 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ImagePool:
+    """A buffer of earlier generated images (Shrivastava et al.), as in the original code: until full,
+    return the new image and store it; then with probability 1/2 return a stored one (replacing it
+    with the new image), else the new image. Its randomness is its own generator's."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.images: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            image = image.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif torch.rand(1, generator=self.generator).item() > 0.5:
+                idx = int(torch.randint(0, self.size, (1,), generator=self.generator).item())
+                out.append(self.images[idx].clone())
+                self.images[idx] = image.clone()
+            else:
+                out.append(image)
+        return torch.cat(out, 0)
+
+    def state_dict(self) -> dict:
+        return {"images": [t.clone() for t in self.images], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images = [t.clone() for t in state["images"]]
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class CycleGAN:
+    """The four networks of a CycleGAN (A: ceT1, B: hrT2)."""
+
+    G_A: ResnetGenerator
+    G_B: ResnetGenerator
+    D_A: PatchDiscriminator
+    D_B: PatchDiscriminator
+
+    @classmethod
+    def build(cls, cfg: CycleGANConfig) -> CycleGAN:
+        torch.manual_seed(cfg.seed)
+        nets = cls(
+            ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks),
+            ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks),
+            PatchDiscriminator(1, cfg.ndf, cfg.n_layers_d),
+            PatchDiscriminator(1, cfg.ndf, cfg.n_layers_d),
+        )
+        for net in nets.modules():
+            init_weights(net, cfg.init_gain)
+        return nets
+
+    def modules(self) -> list[nn.Module]:
+        return [self.G_A, self.G_B, self.D_A, self.D_B]
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).state_dict() for name in ("G_A", "G_B", "D_A", "D_B")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("G_A", "G_B", "D_A", "D_B"):
+            getattr(self, name).load_state_dict(state[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def to_network(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return torch.as_tensor(x, dtype=torch.float32) * 2.0 - 1.0
+
+
+def from_network(y: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (inverse of :func:`to_network`)."""
+    return (y + 1.0) / 2.0
+
+
+def resize_slices(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Bilinear resize of (N, 1, H, W) slices (no-op when size is None or equal)."""
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+
+
+def volume_slices(path: Path | str, *, min_anatomy_fraction: float = 0.1, anatomy_threshold: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slices of a stage-01 volume that hold anatomy.
+
+    A slice holds anatomy when at least ``min_anatomy_fraction`` of its voxels exceed
+    ``anatomy_threshold`` (intensities in [0, 1]); padding and air-only slices are skipped.
+
+    Returns:
+        ``(slices (N, H, W) float32, their z indices)``.
+    """
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    keep = (arr > anatomy_threshold).mean(axis=(1, 2)) >= min_anatomy_fraction
+    return arr[keep], np.nonzero(keep)[0]
+
+
+def collect_slices(paths: list[Path], image_size: tuple[int, int] | None, **anatomy) -> torch.Tensor:
+    """Slices of several volumes as an (N, 1, H, W) tensor in [-1, 1], resized to ``image_size``."""
+    chunks = []
+    for path in paths:
+        slices, _ = volume_slices(path, **anatomy)
+        if len(slices):
+            chunks.append(resize_slices(to_network(slices[:, None]), image_size))
+    if not chunks:
+        raise cio.DataError(f"no slice with anatomy in {len(paths)} volume(s): {[str(p) for p in paths[:3]]}")
+    return torch.cat(chunks, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
+
+
+def lr_factor(epoch: int, cfg: CycleGANConfig) -> float:
+    """The original linear rule (epoch_count = 1): constant for n_epochs, then linear decay."""
+    return 1.0 - max(0, epoch + 1 - cfg.n_epochs) / float(cfg.n_epochs_decay + 1)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the networks."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    iteration: int = 0
+    order: torch.Tensor | None = None
+    history: list[dict] = field(default_factory=list)
+    window: list[list[float]] = field(default_factory=list)
+    finished: bool = False
+
+
+def _lsgan(prediction: torch.Tensor, real: bool) -> torch.Tensor:
+    return F.mse_loss(prediction, torch.full_like(prediction, 1.0 if real else 0.0))
+
+
+def _set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def train_step(nets: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, opt_g, opt_d, pool_a: ImagePool, pool_b: ImagePool, cfg: CycleGANConfig) -> dict[str, float]:
+    """One CycleGAN iteration (generators, then both discriminators), as the original orders it."""
+    lam = cfg.lambda_cycle
+    fake_b = nets.G_A(real_a)
+    rec_a = nets.G_B(fake_b)
+    fake_a = nets.G_B(real_b)
+    rec_b = nets.G_A(fake_a)
+    _set_requires_grad([nets.D_A, nets.D_B], False)
+    opt_g.zero_grad(set_to_none=True)
+    losses = {}
+    if cfg.lambda_identity > 0:
+        losses["idt_A"] = F.l1_loss(nets.G_A(real_b), real_b) * lam * cfg.lambda_identity
+        losses["idt_B"] = F.l1_loss(nets.G_B(real_a), real_a) * lam * cfg.lambda_identity
+    else:
+        losses["idt_A"] = losses["idt_B"] = torch.zeros(())
+    losses["G_A"] = _lsgan(nets.D_A(fake_b), True)
+    losses["G_B"] = _lsgan(nets.D_B(fake_a), True)
+    losses["cycle_A"] = F.l1_loss(rec_a, real_a) * lam
+    losses["cycle_B"] = F.l1_loss(rec_b, real_b) * lam
+    sum(losses[k] for k in ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B")).backward()
+    opt_g.step()
+    _set_requires_grad([nets.D_A, nets.D_B], True)
+    opt_d.zero_grad(set_to_none=True)
+    pooled_b = pool_b.query(fake_b)
+    losses["D_A"] = 0.5 * (_lsgan(nets.D_A(real_b), True) + _lsgan(nets.D_A(pooled_b.detach()), False))
+    losses["D_A"].backward()
+    pooled_a = pool_a.query(fake_a)
+    losses["D_B"] = 0.5 * (_lsgan(nets.D_B(real_a), True) + _lsgan(nets.D_B(pooled_a.detach()), False))
+    losses["D_B"].backward()
+    opt_d.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _flip(x: torch.Tensor, generator: torch.Generator, enabled: bool) -> torch.Tensor:
+    if not enabled:
+        return x
+    mask = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic torch.save (temporary sibling, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, *, stop_after: int | None = None, progress: bool = True) -> tuple[CycleGAN, pd.DataFrame]:
+    """Train (or resume, or reuse) a CycleGAN; checkpoints and ``losses.csv`` go to ``out_dir``.
+
+    Args:
+        slices_a: ceT1 slices (N, 1, H, W) in [-1, 1].
+        slices_b: hrT2 slices (M, 1, H, W) in [-1, 1], unpaired.
+        cfg: settings.
+        out_dir: holds ``checkpoint.pt`` (resumed when its settings match) and ``losses.csv``.
+        stop_after: stop (with a checkpoint) once this many iterations are done in total; used to
+            test resumption and to split long runs.
+        progress: progress bar.
+
+    Returns:
+        The networks and the loss history.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    nets = CycleGAN.build(cfg)
+    params_g = itertools.chain(nets.G_A.parameters(), nets.G_B.parameters())
+    params_d = itertools.chain(nets.D_A.parameters(), nets.D_B.parameters())
+    opt_g = torch.optim.Adam(params_g, lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    opt_d = torch.optim.Adam(params_d, lr=cfg.lr, betas=(cfg.beta1, 0.999))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda e: lr_factor(e, cfg))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda e: lr_factor(e, cfg))
+    pool_a, pool_b = ImagePool(cfg.pool_size, cfg.seed + 2), ImagePool(cfg.pool_size, cfg.seed + 3)
+    sampler = torch.Generator().manual_seed(cfg.seed + 1)
+    state = TrainState()
+    data_key = [list(slices_a.shape), list(slices_b.shape)]
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if saved["config"] != cfg.as_dict() or saved["data_shapes"] != data_key:
+            raise ValueError(f"{ckpt_path}: checkpoint was made with other settings or data; delete it or use another output folder")
+        nets.load_state_dict(saved["nets"])
+        opt_g.load_state_dict(saved["opt_g"])
+        opt_d.load_state_dict(saved["opt_d"])
+        sched_g.load_state_dict(saved["sched_g"])
+        sched_d.load_state_dict(saved["sched_d"])
+        pool_a.load_state_dict(saved["pool_a"])
+        pool_b.load_state_dict(saved["pool_b"])
+        sampler.set_state(saved["sampler"])
+        state = saved["state"]
+    for net in nets.modules():
+        net.train()
+    n_a = slices_a.shape[0]
+    steps_per_epoch = -(-n_a // cfg.batch_size)
+    total_epochs = cfg.n_epochs + cfg.n_epochs_decay
+    total = total_epochs * steps_per_epoch
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "config": cfg.as_dict(),
+                "data_shapes": data_key,
+                "nets": nets.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "sched_g": sched_g.state_dict(),
+                "sched_d": sched_d.state_dict(),
+                "pool_a": pool_a.state_dict(),
+                "pool_b": pool_b.state_dict(),
+                "sampler": sampler.get_state(),
+                "state": state,
+            },
+        )
+
+    bar = tqdm(total=total, initial=state.iteration, desc="02 CycleGAN", disable=not progress or state.finished)
+    while not state.finished and state.epoch < total_epochs:
+        if state.order is None:
+            state.order = torch.randperm(n_a, generator=sampler)
+        while state.step_in_epoch < steps_per_epoch:
+            if stop_after is not None and state.iteration >= stop_after:
+                checkpoint()
+                bar.close()
+                return nets, pd.DataFrame(state.history)
+            idx = state.order[state.step_in_epoch * cfg.batch_size : (state.step_in_epoch + 1) * cfg.batch_size]
+            idx_b = torch.randint(0, slices_b.shape[0], (len(idx),), generator=sampler)
+            real_a = _flip(slices_a[idx], sampler, cfg.flip)
+            real_b = _flip(slices_b[idx_b], sampler, cfg.flip)
+            losses = train_step(nets, real_a, real_b, opt_g, opt_d, pool_a, pool_b, cfg)
+            state.window.append([losses[k] for k in LOSS_NAMES])
+            state.iteration += 1
+            state.step_in_epoch += 1
+            bar.update(1)
+            if state.iteration % cfg.log_every == 0 or state.iteration == total:
+                means = np.mean(state.window, axis=0)
+                state.history.append({"iteration": state.iteration, "epoch": state.epoch + 1, "lr": opt_g.param_groups[0]["lr"], **dict(zip(LOSS_NAMES, (float(m) for m in means)))})
+                state.window = []
+                cio.write_text_atomic(out_dir / "losses.csv", pd.DataFrame(state.history).to_csv(index=False))
+            if state.iteration % cfg.checkpoint_every == 0:
+                checkpoint()
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.order = None
+        sched_g.step()
+        sched_d.step()
+        checkpoint()
+    bar.close()
+    if not state.finished:
+        state.finished = True
+        checkpoint()
+        cio.write_text_atomic(out_dir / "config.json", json.dumps(cfg.as_dict(), indent=2) + "\n")
+    for net in nets.modules():
+        net.eval()
+    return nets, pd.DataFrame(state.history)
+
+
+def load_generators(ckpt_path: Path | str) -> tuple[ResnetGenerator, ResnetGenerator, CycleGANConfig]:
+    """The two generators (ceT1 -> hrT2, hrT2 -> ceT1) of a finished checkpoint, in eval mode."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not saved["state"].finished:
+        raise ValueError(f"{ckpt_path}: training has not finished (iteration {saved['state'].iteration}); run 02 again to resume")
+    raw = dict(saved["config"])
+    raw["image_size"] = tuple(raw["image_size"]) if raw["image_size"] else None
+    cfg = CycleGANConfig(**raw)
+    g_a, g_b = ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks), ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks)
+    g_a.load_state_dict(saved["nets"]["G_A"])
+    g_b.load_state_dict(saved["nets"]["G_B"])
+    return g_a.eval(), g_b.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Translation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def translate_array(generator: nn.Module, volume: np.ndarray, image_size: tuple[int, int] | None, batch_size: int = 16) -> np.ndarray:
+    """Translate every axial slice of a (Z, H, W) volume in [0, 1]; returns (Z, H, W) in [0, 1].
+
+    Slices are resized to the training size, translated in batches without gradients, and resized
+    back to the volume's in-plane size.
+    """
+    generator.eval()
+    out = np.empty_like(volume, dtype=np.float32)
+    size = tuple(volume.shape[1:])
+    for start in range(0, volume.shape[0], batch_size):
+        x = to_network(volume[start : start + batch_size, None])
+        y = generator(resize_slices(x, image_size))
+        out[start : start + batch_size] = from_network(resize_slices(y, size))[:, 0].clamp(0, 1).numpy()
+    return out
+
+
+def translate_image(generator: nn.Module, image: sitk.Image, image_size: tuple[int, int] | None, batch_size: int = 16) -> sitk.Image:
+    """Translate a stage-01 volume slice by slice and restack it in the source geometry."""
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    result = sitk.GetImageFromArray(translate_array(generator, arr, image_size, batch_size))
+    result.CopyInformation(image)
+    return result
