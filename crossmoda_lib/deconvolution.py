@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import scipy.fft
@@ -160,3 +161,18 @@ def deconvolve_image(image: sitk.Image, psf_mm: tuple[float, float, float], iter
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(image)
     return result
+
+
+def deconvolve_folder(in_dir: Path | str, out_dir: Path | str, psf_mm: tuple[float, float, float], iterations: int = 15, *, pattern: str = "*_pseudoT2.nii.gz", psf_is: str = "sigma", beta: float = 1.0, copy_labels: bool = True) -> list[Path]:
+    """Van Cittert-sharpen every volume of a folder (labels copied alongside); returns the outputs."""
+    from crossmoda_lib import io as cio
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    written = []
+    for path in sorted(in_dir.glob(pattern)):
+        image = sitk.ReadImage(str(path))
+        written.append(cio.write_image(deconvolve_image(image, psf_mm, iterations, psf_is=psf_is, beta=beta), out_dir / path.name))
+        label = path.parent / path.name.replace(pattern.lstrip("*").removesuffix(".nii.gz"), "_Label")
+        if copy_labels and label.exists():
+            cio.write_bytes_atomic(out_dir / label.name, label.read_bytes())
+    return written

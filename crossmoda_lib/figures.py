@@ -136,3 +136,37 @@ def _grid_text(image: sitk.Image) -> str:
     size = "x".join(str(v) for v in image.GetSize())
     spacing = "x".join(f"{v:.2f}" for v in image.GetSpacing())
     return f"{size} @ {spacing} mm"
+
+
+def image_grid(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], vmin: float = 0.0, vmax: float = 1.0) -> plt.Figure:
+    """A grid of 2D images: one row per entry ``(row title, [(panel title, array), ...])``."""
+    n_cols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(3.0 * n_cols, 3.0 * len(rows)), squeeze=False)
+    for r, (row_title, panels) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(panels):
+                title, arr = panels[c]
+                ax.imshow(arr, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+                ax.set_title(title, fontsize=8)
+        axes[r, 0].text(-0.04, 0.5, row_title, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(history, columns: tuple[str, ...], title: str) -> plt.Figure:
+    """Loss curves (one axis per group of columns sharing a prefix) from a loss-history table."""
+    groups: dict[str, list[str]] = {}
+    for col in columns:
+        groups.setdefault(col.split("_")[0], []).append(col)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.0 * len(groups), 3.2), squeeze=False)
+    for ax, (name, cols) in zip(axes[0], groups.items()):
+        for col in cols:
+            ax.plot(history["iteration"], history[col], label=col)
+        ax.set_xlabel("iteration")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -547,3 +547,133 @@ def translate_image(generator: nn.Module, image: sitk.Image, image_size: tuple[i
     result = sitk.GetImageFromArray(translate_array(generator, arr, image_size, batch_size))
     result.CopyInformation(image)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages 02 and 03
+# --------------------------------------------------------------------------------------------------
+
+
+def stage_volumes(stage01: Path | str, sub: str, modality: str, centres: list[str] | tuple[str, ...]) -> list[Path]:
+    """Stage-01 volumes of one sub-folder (``source``, ``target``, ``validation``) and centres."""
+    known = set(cio.CENTRES.values())
+    unknown = sorted(set(centres) - known)
+    if unknown:
+        raise ValueError(f"unknown centre(s) {unknown}; choose from {sorted(known)}")
+    paths = sorted(Path(stage01, sub).glob(f"*_{modality}.nii.gz"))
+    return [p for p in paths if cio.centre_of(p.name) in centres]
+
+
+def require_stage(stage: Path | str, name: str) -> Path:
+    """Fail early, naming what to run, when an earlier stage's outputs are missing."""
+    stage = Path(stage)
+    if not (stage / "manifest.json").is_file():
+        raise cio.DataError(f"{stage}: no finished {name} outputs (manifest.json missing); run notebooks/{name}.ipynb first")
+    return stage
+
+
+def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, centres: list[str], *, min_anatomy_fraction: float = 0.1, progress: bool = True, stop_after: int | None = None) -> tuple[CycleGAN, pd.DataFrame, dict]:
+    """Stage 02: train the CycleGAN on stage-01 ceT1 (source) and hrT2 (target) slices of ``centres``.
+
+    Every input volume is checked before training starts. Returns the networks, the loss history and
+    a summary (slices and cases per domain).
+    """
+    stage01 = require_stage(stage01, "01_preprocess")
+    paths_a = stage_volumes(stage01, "source", "ceT1", centres)
+    paths_b = stage_volumes(stage01, "target", "hrT2", centres)
+    for label, paths in (("ceT1 (source)", paths_a), ("hrT2 (target)", paths_b)):
+        if not paths:
+            raise cio.DataError(f"{stage01}: no {label} volume of centre(s) {centres}")
+    problems = [p for path in paths_a + paths_b for p in cio.check_image_file(path)[1] if p.fatal]
+    if problems:
+        raise cio.DataError("\n".join(str(p) for p in problems))
+    slices_a = collect_slices(paths_a, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
+    slices_b = collect_slices(paths_b, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
+    nets, history = train_cyclegan(slices_a, slices_b, cfg, out_dir, stop_after=stop_after, progress=progress)
+    summary = {"centres": list(centres), "ceT1_cases": len(paths_a), "hrT2_cases": len(paths_b), "ceT1_slices": int(slices_a.shape[0]), "hrT2_slices": int(slices_b.shape[0]), "slice_size": list(slices_a.shape[-2:])}
+    if (Path(out_dir) / "config.json").exists():
+        from crossmoda_lib import __version__
+
+        manifest = {"stage": "02_cyclegan", "library_version": __version__, "settings": cfg.as_dict(), "min_anatomy_fraction": min_anatomy_fraction, **summary}
+        cio.write_text_atomic(Path(out_dir) / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return nets, history, summary
+
+
+def translate_stage(stage01: Path | str, checkpoint: Path | str, out_dir: Path | str, *, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """Stage 03 (first half): translate every stage-01 ceT1 volume (all centres) into pseudo-hrT2.
+
+    Writes ``out_dir/<case>_pseudoT2.nii.gz`` (same geometry as the ceT1) with the label copied as
+    ``out_dir/<case>_Label.nii.gz``.
+    """
+    from tqdm.auto import tqdm
+
+    stage01 = require_stage(stage01, "01_preprocess")
+    g_a, _, cfg = load_generators(checkpoint)
+    out_dir = Path(out_dir)
+    rows = []
+    for path in tqdm(stage_volumes(stage01, "source", "ceT1", list(cio.CENTRES.values())), desc="03 translate", disable=not progress):
+        case = path.name.removesuffix("_ceT1.nii.gz")
+        image = sitk.ReadImage(str(path))
+        pseudo = translate_image(g_a, image, cfg.image_size, batch_size)
+        cio.write_image(pseudo, out_dir / f"{case}_pseudoT2.nii.gz")
+        label = path.parent / f"{case}_Label.nii.gz"
+        cio.write_bytes_atomic(out_dir / label.name, label.read_bytes())
+        rows.append({"case": case, "centre": cio.centre_of(case), "file": f"{out_dir.name}/{case}_pseudoT2.nii.gz", "size": "x".join(map(str, image.GetSize()))})
+    return pd.DataFrame(rows)
+
+
+def vs_slice(label_path: Path | str) -> int:
+    """The axial slice index with the largest VS area (the middle slice when there is no VS)."""
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    area = (lab == 1).sum(axis=(1, 2))
+    return int(area.argmax()) if area.any() else lab.shape[0] // 2
+
+
+def _slice(path: Path, z: int) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[z].astype(np.float32)
+
+
+def cycle_examples(stage01: Path | str, checkpoint: Path | str) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """Rows for a figure: per centre, a ceT1 slice -> pseudo-hrT2 -> reconstructed ceT1, and a
+    validation hrT2 slice (never used in training) -> pseudo-ceT1 -> reconstructed hrT2."""
+    stage01 = Path(stage01)
+    g_a, g_b, cfg = load_generators(checkpoint)
+    rows = []
+    for centre in cio.CENTRES.values():
+        src = stage_volumes(stage01, "source", "ceT1", [centre])
+        val = stage_volumes(stage01, "validation", "hrT2", [centre])
+        if src:
+            z = vs_slice(src[0].parent / src[0].name.replace("_ceT1", "_Label"))
+            x = _slice(src[0], z)[None]
+            fake = translate_array(g_a, x, cfg.image_size)
+            rec = translate_array(g_b, fake, cfg.image_size)
+            rows.append((f"{centre} ceT1\n{src[0].name.split('_ceT1')[0]}", [("ceT1", x[0]), ("pseudo-hrT2 = G_A(ceT1)", fake[0]), ("G_B(G_A(ceT1))", rec[0])]))
+        if val:
+            truth = stage01 / "synthetic_truth" / val[0].name.replace("_hrT2", "_hrT2_Label")
+            z = vs_slice(truth) if truth.exists() else sitk.ReadImage(str(val[0])).GetSize()[2] // 2
+            x = _slice(val[0], z)[None]
+            fake = translate_array(g_b, x, cfg.image_size)
+            rec = translate_array(g_a, fake, cfg.image_size)
+            rows.append((f"{centre} hrT2 (validation)\n{val[0].name.split('_hrT2')[0]}", [("hrT2", x[0]), ("pseudo-ceT1 = G_B(hrT2)", fake[0]), ("G_A(G_B(hrT2))", rec[0])]))
+    return rows
+
+
+def comparison_rows(stage01: Path | str, stage03: Path | str) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """Rows for a figure: per centre, ceT1 | pseudo-hrT2 | Van Cittert-sharpened | a real hrT2 (another
+    subject of the same centre, at its own VS slice)."""
+    stage01, stage03 = Path(stage01), Path(stage03)
+    rows = []
+    for centre in cio.CENTRES.values():
+        src = stage_volumes(stage01, "source", "ceT1", [centre])
+        tgt = stage_volumes(stage01, "target", "hrT2", [centre])
+        if not src:
+            continue
+        case = src[0].name.removesuffix("_ceT1.nii.gz")
+        z = vs_slice(src[0].parent / f"{case}_Label.nii.gz")
+        panels = [("ceT1", _slice(src[0], z)), ("pseudo-hrT2", _slice(stage03 / "pseudo_hrT2" / f"{case}_pseudoT2.nii.gz", z)), ("Van Cittert", _slice(stage03 / "pseudo_hrT2_vc" / f"{case}_pseudoT2.nii.gz", z))]
+        if tgt:
+            truth = stage01 / "synthetic_truth" / tgt[0].name.replace("_hrT2", "_hrT2_Label")
+            zt = vs_slice(truth) if truth.exists() else sitk.ReadImage(str(tgt[0])).GetSize()[2] // 2
+            panels.append((f"real hrT2 ({tgt[0].name.split('_hrT2')[0]})", _slice(tgt[0], zt)))
+        rows.append((f"{centre}\n{case}", panels))
+    return rows
