@@ -86,22 +86,57 @@ def _smoke_profile(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Every notebook executed once with the smoke profile, through the run_all.sh path."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    manifest = runs.run_profile(_smoke_profile(tmp), progress=False)
+    return tmp, manifest
+
+
 @pytest.mark.notebook
-def test_01_executes_with_the_smoke_profile(tmp_path):
-    manifest = runs.run_profile(_smoke_profile(tmp_path), ["01_preprocess"], progress=False)
-    out = tmp_path / "outputs"
-    executed = nbformat.read(out / "executed" / "01_preprocess.ipynb", as_version=4)
-    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
-    assert not any(o.get("output_type") == "error" for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+def test_every_notebook_executes_with_the_smoke_profile(smoke_run):
+    tmp, manifest = smoke_run
+    out = tmp / "outputs"
+    assert [n["notebook"] for n in manifest["notebooks"]] == [f"notebooks/{p.name}" for p in NOTEBOOKS]
+    for nb in NOTEBOOKS:
+        executed = nbformat.read(out / "executed" / nb.name, as_version=4)
+        assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+        assert not any(o.get("output_type") == "error" for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    saved = json.loads((out / "run_manifest.json").read_text())
+    assert all(n["status"] == "ok" for n in saved["notebooks"]) and saved["seed"] == 0 and saved["git_commit"]
+    assert saved["versions"]["torch"].startswith("2.13.0")
+    assert (tmp / "data" / "manifest.json").is_file(), "the synthetic cohort is generated on demand"
+
+
+@pytest.mark.notebook
+def test_smoke_01_outputs(smoke_run):
+    tmp, _ = smoke_run
+    stage = tmp / "outputs" / "01_preprocess"
+    executed = nbformat.read(tmp / "outputs" / "executed" / "01_preprocess.ipynb", as_version=4)
     assert executed.metadata.papermill.parameters["crop_size"] == [176, 144]
-    stage = out / "01_preprocess"
     for name in ("cases.csv", "label_volumes.csv", "manifest.json", "figures/cohort.png", "figures/before_after_london.png", "figures/before_after_tilburg.png"):
         assert (stage / name).is_file(), name
     assert len(list((stage / "source").glob("*_ceT1.nii.gz"))) == 4
-    saved = json.loads((out / "run_manifest.json").read_text())
-    assert saved["notebooks"][0]["status"] == "ok" and saved["seed"] == 0 and saved["git_commit"]
-    assert manifest["versions"]["torch"].startswith("2.13.0")
-    assert (tmp_path / "data" / "manifest.json").is_file(), "the synthetic cohort is generated on demand"
+
+
+@pytest.mark.notebook
+def test_smoke_02_03_outputs(smoke_run):
+    import SimpleITK as sitk
+
+    from crossmoda_lib import io as cio
+
+    tmp, _ = smoke_run
+    out = tmp / "outputs"
+    for name in ("02_cyclegan/checkpoint.pt", "02_cyclegan/losses.csv", "02_cyclegan/manifest.json", "02_cyclegan/figures/losses.png", "02_cyclegan/figures/cycle_examples.png", "03_translate/manifest.json", "03_translate/figures/pseudo_hrT2.png"):
+        assert (out / name).is_file(), name
+    sources = sorted((out / "01_preprocess" / "source").glob("*_ceT1.nii.gz"))
+    for folder in ("pseudo_hrT2", "pseudo_hrT2_vc"):
+        for src in sources:
+            case = src.name.removesuffix("_ceT1.nii.gz")
+            pseudo = sitk.ReadImage(str(out / "03_translate" / folder / f"{case}_pseudoT2.nii.gz"))
+            assert cio.geometry_mismatch(pseudo, sitk.ReadImage(str(src))) is None
+            assert (out / "03_translate" / folder / f"{case}_Label.nii.gz").is_file()
 
 
 @pytest.mark.notebook

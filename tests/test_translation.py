@@ -1,0 +1,162 @@
+"""CycleGAN: architecture as the original, training lowers the cycle loss, exact resumption,
+translation keeps geometry and labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from crossmoda_lib import io as cio
+from crossmoda_lib import translation as tr
+
+
+def test_generator_shapes_and_size_at_the_paper_setting():
+    g = tr.ResnetGenerator(1, 1, ngf=64, n_blocks=9)
+    x = torch.rand(2, 1, 256, 256) * 2 - 1
+    y = g(x)
+    assert y.shape == x.shape and y.abs().max() <= 1.0  # tanh output
+    # The original's parameter count for a 1-channel ResNet-9 generator with ngf 64.
+    assert sum(p.numel() for p in g.parameters()) == 11_365_633
+    blocks = [m for m in g.modules() if isinstance(m, tr.ResnetBlock)]
+    assert len(blocks) == 9
+    assert sum(isinstance(m, nn.ReflectionPad2d) for m in g.modules()) == 2 + 2 * 9
+    assert all(not m.affine for m in g.modules() if isinstance(m, nn.InstanceNorm2d))
+    # Non-square slices (the demo's 144 x 176) keep their shape.
+    assert tr.ResnetGenerator(1, 1, 8, 2)(torch.zeros(1, 1, 144, 176)).shape == (1, 1, 144, 176)
+
+
+def test_patchgan_output_and_70px_receptive_field():
+    d = tr.PatchDiscriminator(1, ndf=64, n_layers=3)
+    assert d(torch.zeros(1, 1, 256, 256)).shape == (1, 1, 30, 30)
+    assert tr.receptive_field(d) == 70
+    assert tr.receptive_field(tr.PatchDiscriminator(1, 64, n_layers=1)) == 16
+    # Empirically: one output's gradient reaches exactly a 70 x 70 input patch. Instance norm mixes the
+    # whole image, so it is replaced by identity for this measurement.
+    for name, module in list(d.model.named_children()):
+        if isinstance(module, nn.InstanceNorm2d):
+            d.model._modules[name] = nn.Identity()
+    x = torch.randn(1, 1, 128, 128, requires_grad=True)
+    d(x)[0, 0, 6, 6].backward()
+    rows, cols = torch.nonzero(x.grad[0, 0]).unbind(1)
+    assert int(rows.max() - rows.min() + 1) == 70 and int(cols.max() - cols.min() + 1) == 70
+
+
+def test_lr_rule_is_the_original_linear_decay():
+    cfg = tr.CycleGANConfig(n_epochs=100, n_epochs_decay=100)
+    factors = [tr.lr_factor(e, cfg) for e in range(200)]
+    assert factors[0] == factors[99] == 1.0  # 100 epochs at the initial rate
+    assert factors[100] == pytest.approx(1 - 1 / 101)
+    assert factors[199] == pytest.approx(1 / 101)
+    assert np.all(np.diff(factors[99:]) < 0)
+
+
+def test_image_pool_behaviour():
+    pool = tr.ImagePool(3, seed=0)
+    first = [pool.query(torch.full((1, 1, 2, 2), float(i))) for i in range(3)]
+    assert [int(t[0, 0, 0, 0]) for t in first] == [0, 1, 2]  # filling: returns the new image
+    returned = [int(pool.query(torch.full((1, 1, 2, 2), 10.0 + i))[0, 0, 0, 0]) for i in range(200)]
+    old = sum(r < 10 or r != 10 + k for k, r in enumerate(returned))
+    assert 60 < old < 140  # about half the time an older image comes back
+    assert len(pool.images) == 3
+    assert tr.ImagePool(0, 0).query(torch.ones(1, 1, 2, 2)).sum() == 4
+
+
+def _toy_domains() -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpaired 32 x 32 slices: bright discs on grey (A) and dark discs on grey (B), in [-1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+
+    def discs(n: int, inside: float) -> torch.Tensor:
+        out = []
+        for _ in range(n):
+            c = torch.rand(2, generator=g) - 0.5
+            r = 0.2 + 0.2 * torch.rand(1, generator=g)
+            m = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < r**2).float()
+            out.append((0.3 + (inside - 0.3) * m)[None])
+        return torch.stack(out) * 2 - 1
+
+    return discs(16, 0.9), discs(16, 0.1)
+
+
+TOY = tr.CycleGANConfig(ngf=8, ndf=8, n_blocks=1, n_epochs=6, n_epochs_decay=4, log_every=16, checkpoint_every=7, pool_size=4)
+
+
+def test_short_training_lowers_the_cycle_loss(tmp_path):
+    a, b = _toy_domains()
+    _, history = tr.train_cyclegan(a, b, TOY, tmp_path, progress=False)
+    assert len(history) == 10 and list(history.iteration) == list(range(16, 161, 16))
+    first, last = history.iloc[0], history.iloc[-1]
+    assert last.cycle_A < 0.5 * first.cycle_A and last.cycle_B < 0.5 * first.cycle_B
+    assert history.lr.iloc[0] == pytest.approx(2e-4) and history.lr.iloc[-1] < 2e-4
+    saved = pd.read_csv(tmp_path / "losses.csv")
+    assert list(saved.columns[:3]) == ["iteration", "epoch", "lr"] and len(saved) == 10
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    a, b = _toy_domains()
+    nets, history = tr.train_cyclegan(a, b, TOY, tmp_path / "straight", progress=False)
+    # Interrupted mid-epoch (iteration 37 is not a checkpoint multiple), then resumed.
+    tr.train_cyclegan(a, b, TOY, tmp_path / "resumed", stop_after=37, progress=False)
+    partial = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert partial["state"].iteration == 37 and not partial["state"].finished
+    resumed, history2 = tr.train_cyclegan(a, b, TOY, tmp_path / "resumed", progress=False)
+    for name in ("G_A", "G_B", "D_A", "D_B"):
+        for key, value in getattr(nets, name).state_dict().items():
+            assert torch.equal(value, getattr(resumed, name).state_dict()[key]), (name, key)
+    pd.testing.assert_frame_equal(history, history2)
+    # A finished run is reused, not retrained; other settings are refused.
+    again, _ = tr.train_cyclegan(a, b, TOY, tmp_path / "straight", progress=False)
+    assert torch.equal(next(iter(again.G_A.parameters())), next(iter(nets.G_A.parameters())))
+    with pytest.raises(ValueError, match="other settings"):
+        tr.train_cyclegan(a, b, tr.CycleGANConfig(**{**TOY.as_dict(), "ngf": 4, "image_size": None}), tmp_path / "straight", progress=False)
+
+
+def test_intensity_mapping_is_invertible():
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(tr.from_network(tr.to_network(x)), x)
+    assert tr.to_network(torch.zeros(1)).item() == -1.0 and tr.to_network(torch.ones(1)).item() == 1.0
+
+
+def test_config_refuses_sizes_the_generator_cannot_restore():
+    with pytest.raises(ValueError, match="multiples of 4"):
+        tr.CycleGANConfig(image_size=(100, 102))
+
+
+def test_translation_keeps_geometry_and_labels(tmp_path):
+    """A volume on an oblique-free London-like grid (flipped axes, 0.6 x 0.6 x 1.0 mm)."""
+    arr = np.random.default_rng(0).random((7, 40, 48)).astype(np.float32)
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((0.6, 0.6, 1.0))
+    image.SetOrigin((12.5, -3.25, 40.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    generator = tr.ResnetGenerator(1, 1, 4, 1).eval()
+    out = tr.translate_image(generator, image, (24, 32), batch_size=3)
+    assert cio.geometry_mismatch(out, image) is None
+    assert out.GetOrigin() == image.GetOrigin() and out.GetDirection() == image.GetDirection()
+    o = sitk.GetArrayFromImage(out)
+    assert o.shape == arr.shape and o.min() >= 0 and o.max() <= 1
+    # Slice-wise and batch-independent: translating slice 5 alone gives the same slice.
+    single = tr.translate_array(generator, arr[5:6], (24, 32))
+    np.testing.assert_allclose(single[0], o[5], atol=1e-6)
+
+
+def test_translate_stage_copies_labels_unchanged(cohort, tmp_path):
+    from crossmoda_lib import preprocess as pp
+
+    stage01 = tmp_path / "01"
+    pp.preprocess_dataset(cohort, stage01, pp.PreprocessConfig(crop_size=(96, 80)), progress=False)
+    cfg = tr.CycleGANConfig(ngf=4, ndf=4, n_blocks=1, n_epochs=1, n_epochs_decay=0, image_size=(40, 48), log_every=5)
+    tr.train_stage(stage01, tmp_path / "02", cfg, ["London"], stop_after=None, progress=False)
+    table = tr.translate_stage(stage01, tmp_path / "02" / "checkpoint.pt", tmp_path / "03", progress=False)
+    assert set(table.centre) == {"London", "Tilburg"} and len(table) == 6
+    for case in table.case:
+        source = sitk.ReadImage(str(stage01 / "source" / f"{case}_ceT1.nii.gz"))
+        pseudo = sitk.ReadImage(str(tmp_path / "03" / f"{case}_pseudoT2.nii.gz"))
+        assert cio.geometry_mismatch(source, pseudo) is None
+        assert (tmp_path / "03" / f"{case}_Label.nii.gz").read_bytes() == (stage01 / "source" / f"{case}_Label.nii.gz").read_bytes()
+    with pytest.raises(cio.DataError, match="run notebooks/01_preprocess.ipynb first"):
+        tr.train_stage(tmp_path / "nothing", tmp_path / "x", cfg, ["London"])
