@@ -154,3 +154,28 @@ def test_run_all_sh_rejects_an_unknown_profile():
     env = {**os.environ, "CROSSMODA_VENV": str(venv)}
     result = subprocess.run(["bash", str(ROOT / "run_all.sh"), "no_such_profile"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and "no profile params/no_such_profile.yaml" in result.stderr
+
+
+@pytest.mark.notebook
+def test_smoke_04_05_outputs(smoke_run):
+    import pandas as pd
+    import SimpleITK as sitk
+
+    from crossmoda_lib import io as cio
+
+    tmp, _ = smoke_run
+    out = tmp / "outputs"
+    manifest = json.loads((out / "04_singan" / "manifest.json").read_text())
+    n_scales = manifest["pyramid"]["stop_scale"] + 1
+    assert sorted(p.name for p in (out / "04_singan").glob("scale_*.pt")) == [f"scale_{n:02d}.pt" for n in range(n_scales)]
+    assert manifest["training_case"].startswith("crossmoda2021_ldn_") and (out / "04_singan" / "figures" / "samples.png").is_file()
+    table = pd.read_csv(out / "05_blending" / "augmentations.csv")
+    assert list(table.columns[:9]) == ["case", "centre", "rule", "structure", "lambda", "start_scale", "seed", "volume_mm3", "std"]
+    assert set(table.rule) >= {"vs_small", "cochlea"} and (out / "05_blending" / "figures" / "figure3.png").is_file()
+    # Every cochlea is augmented with lambda 2, 3, 4; every file exists with its label and geometry.
+    assert (table[table.structure == "cochlea"].groupby("case")["lambda"].apply(sorted).map(tuple) == (2.0, 3.0, 4.0)).all()
+    for row in table.itertuples():
+        volume = sitk.ReadImage(str(out / "05_blending" / row.file))
+        label = sitk.ReadImage(str(out / "05_blending" / row.file.replace("_pseudoT2", "_Label")))
+        source = sitk.ReadImage(str(out / "03_translate" / row.source / f"{row.case}_pseudoT2.nii.gz"))
+        assert cio.geometry_mismatch(volume, source) is None and cio.geometry_mismatch(label, source) is None
