@@ -170,3 +170,20 @@ def loss_curves(history, columns: tuple[str, ...], title: str) -> plt.Figure:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def overlay_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> plt.Figure:
+    """Per row: the image with predicted contours, and (when given) with the ground-truth contours."""
+    fig, axes = plt.subplots(len(rows), 2, figsize=(8.0, 3.6 * len(rows)), squeeze=False)
+    for (title, image, pred, truth), (ax_p, ax_t) in zip(rows, axes):
+        for ax, lab, name in ((ax_p, pred, "prediction"), (ax_t, truth, "ground truth")):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.axis("off")
+            ax.set_title(f"{title}: {name}" if lab is not None else f"{title}: (no ground truth)", fontsize=8)
+            if lab is None:
+                continue
+            for value, colour in LABEL_COLOURS.items():
+                if (lab == value).any():
+                    ax.contour((lab == value).astype(float), levels=[0.5], colors=[colour], linewidths=0.9)
+    fig.tight_layout()
+    return fig

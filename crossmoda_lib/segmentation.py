@@ -1,0 +1,572 @@
+"""Stage 06: nnU-Net-like 3D segmentation with MONAI's DynUNet, one binary model per structure.
+
+The paper trains nnU-Net 3D full-resolution models (papers/000 section 3). This module rebuilds the
+parts of nnU-Net that matter for the method from MONAI pieces, with every size a parameter:
+
+* **planning** (:func:`plan_network`): nnU-Net's ``get_pool_and_conv_props``: an axis is pooled while
+  its feature map is at least twice ``min_feature_map`` and its spacing at most twice the finest
+  current spacing; a convolution kernel is 1 along an axis until that axis comes within a factor 2
+  of the finest spacing, then 3; the bottleneck is 3x3x3. At 0.4x0.4x1.0 mm the z axis keeps stride 1
+  and kernel 1 at the first level; at 0.6x0.6x1.0 mm every axis is strided from the start;
+* **network**: DynUNet with instance norm, leaky ReLU (0.01), filters 32 doubling to 320, deep
+  supervision (weights 1/2^i, normalised);
+* **loss**: Dice + cross-entropy (batch Dice); **optimiser**: SGD, Nesterov momentum 0.99, lr 1e-2
+  with polynomial decay (exponent 0.9), weight decay 3e-5, gradient norm clipped at 12;
+* **data**: epochs of a fixed number of iterations (250 in the paper profile); patches with
+  foreground oversampling (the last third of each batch is centred on a foreground voxel); MONAI
+  augmentation in nnU-Net's spirit (rotation and scaling, optional elastic deformation, Gaussian noise
+  and blur, brightness, contrast, gamma, mirroring);
+* **inference**: sliding window with Gaussian weighting and overlap 0.5, optional mirroring
+  test-time augmentation.
+
+Arrays are in (z, y, x) order throughout, so spacings and patch sizes given here are (z, y, x) too.
+Reproducibility: the network is initialised from ``seed``; patch sampling, augmentation and torch
+random states are saved in every checkpoint, so a resumed run equals an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+
+from crossmoda_lib import io as cio
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Kernels and strides per level (z, y, x), and the patch size padded to what pooling needs."""
+
+    kernels: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    patch_size: tuple[int, ...]
+    pools_per_axis: tuple[int, ...]
+
+
+def plan_network(spacing: tuple[float, ...], patch_size: tuple[int, ...], min_feature_map: int = 4, max_pools: int = 5) -> NetworkPlan:
+    """nnU-Net's ``get_pool_and_conv_props`` (v1/v2 planners), for (z, y, x) spacings and patches."""
+    dim = len(spacing)
+    current_spacing = [float(s) for s in spacing]
+    current_size = [int(s) for s in patch_size]
+    strides = [[1] * dim]
+    kernels = []
+    pools = [0] * dim
+    kernel = [1] * dim
+    while True:
+        valid = [i for i in range(dim) if current_size[i] >= 2 * min_feature_map]
+        if not valid:
+            break
+        finest = min(current_spacing[i] for i in valid)
+        valid = [i for i in valid if current_spacing[i] / finest < 2]
+        valid = [i for i in valid if pools[i] < max_pools]
+        if len(valid) == 1 and current_size[valid[0]] < 3 * min_feature_map:
+            break
+        if not valid:
+            break
+        for d in range(dim):
+            if kernel[d] != 3 and current_spacing[d] / min(current_spacing) < 2:
+                kernel[d] = 3
+        stride = [1] * dim
+        for v in valid:
+            stride[v] = 2
+            pools[v] += 1
+            current_spacing[v] *= 2
+            current_size[v] = math.ceil(current_size[v] / 2)
+        strides.append(stride)
+        kernels.append(list(kernel))
+    kernels.append([3] * dim)  # the bottleneck
+    divisor = [2**p for p in pools]
+    padded = tuple(int(math.ceil(s / d) * d) for s, d in zip(patch_size, divisor))
+    return NetworkPlan(tuple(tuple(k) for k in kernels), tuple(tuple(s) for s in strides), padded, tuple(pools))
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and network
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Segmentation settings (paper / nnU-Net values by default; (z, y, x) order).
+
+    Attributes:
+        spacing: voxel spacing of the training volumes (z, y, x), for planning.
+        patch_size: training patch (z, y, x) before padding to the pooling divisor.
+        base_filters: filters of the first level (nnU-Net 32), doubling per level up to max_filters.
+        max_filters: nnU-Net 320 (3D).
+        min_feature_map: planning constraint (nnU-Net 4).
+        max_pools: most poolings per axis (nnU-Net 5).
+        batch_size: patches per iteration (nnU-Net 2).
+        epochs: epochs (paper 500).
+        iterations_per_epoch: nnU-Net 250.
+        lr: initial learning rate (1e-2).
+        momentum: SGD Nesterov momentum (0.99).
+        weight_decay: 3e-5.
+        fg_fraction: fraction of each batch centred on foreground (nnU-Net 0.33).
+        elastic: elastic deformation in the augmentation (nnU-Net: off for 3d_fullres).
+        augment: apply the augmentation.
+        overlap: sliding-window overlap (0.5).
+        mirror_tta: average predictions over mirrored inputs at inference.
+        val_every: epochs between validation Dice measurements (0: never).
+        seed: initialisation and sampling seed.
+    """
+
+    spacing: tuple[float, float, float] = (1.0, 0.6, 0.6)
+    patch_size: tuple[int, int, int] = (64, 160, 160)
+    base_filters: int = 32
+    max_filters: int = 320
+    min_feature_map: int = 4
+    max_pools: int = 5
+    batch_size: int = 2
+    epochs: int = 500
+    iterations_per_epoch: int = 250
+    lr: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    fg_fraction: float = 0.33
+    elastic: bool = False
+    augment: bool = True
+    overlap: float = 0.5
+    mirror_tta: bool = True
+    val_every: int = 1
+    seed: int = 0
+
+    @property
+    def plan(self) -> NetworkPlan:
+        return plan_network(self.spacing, self.patch_size, self.min_feature_map, self.max_pools)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["spacing"], d["patch_size"] = list(self.spacing), list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegConfig:
+        d = dict(d)
+        d["spacing"], d["patch_size"] = tuple(d["spacing"]), tuple(d["patch_size"])
+        return cls(**d)
+
+
+def build_network(cfg: SegConfig) -> torch.nn.Module:
+    """DynUNet from the plan: instance norm, leaky ReLU, deep supervision on all but the two coarsest levels."""
+    from monai.networks.nets import DynUNet
+
+    plan = cfg.plan
+    levels = len(plan.strides)
+    filters = [min(cfg.base_filters * 2**i, cfg.max_filters) for i in range(levels)]
+    torch.manual_seed(cfg.seed)
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        kernel_size=[list(k) for k in plan.kernels],
+        strides=[list(s) for s in plan.strides],
+        upsample_kernel_size=[list(s) for s in plan.strides[1:]],
+        filters=filters,
+        norm_name=("instance", {"affine": True}),
+        act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        deep_supervision=levels > 2,
+        deep_supr_num=max(1, levels - 2),
+    )
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights 1/2^i for the full-resolution output and the deeper ones, normalised."""
+    w = np.array([1 / 2**i for i in range(n)])
+    return (w / w.sum()).tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: patches and augmentation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One training volume (z, y, x) in [0, 1] with its binary target."""
+
+    name: str
+    image: np.ndarray
+    target: np.ndarray
+    foreground: np.ndarray = field(default=None, repr=False)  # (N, 3) foreground voxel indices
+
+    def __post_init__(self) -> None:
+        self.foreground = np.argwhere(self.target > 0)
+
+
+def load_case(image_path: Path | str, label_path: Path | str, value: int, clip_percentile: float | None = None) -> Case:
+    """Read a volume and its label; the target is ``label == value``. ``clip_percentile`` clips the
+    image at that percentile and rescales to [0, 1] (the paper clips real hrT2 at the 95th for cochlea)."""
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float32)
+    if clip_percentile is not None:
+        top = float(np.percentile(image, clip_percentile))
+        image = np.clip(image, 0, top) / max(top, 1e-6)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    match = re.match(r"crossmoda\d{4}_(ldn|etz)_\d+", Path(image_path).name)
+    return Case(match.group(0) if match else Path(image_path).name, image, (label == value).astype(np.uint8))
+
+
+class PatchSampler:
+    """nnU-Net-style patch sampling with its own generator (whose state is checkpointed)."""
+
+    def __init__(self, cases: list[Case], patch: tuple[int, ...], fg_fraction: float, seed: int) -> None:
+        self.cases = cases
+        self.patch = np.array(patch)
+        self.fg_fraction = fg_fraction
+        self.rng = np.random.default_rng(seed)
+
+    def _one(self, case: Case, force_fg: bool) -> tuple[np.ndarray, np.ndarray]:
+        shape = np.array(case.image.shape)
+        half = self.patch // 2
+        if force_fg and len(case.foreground):
+            centre = case.foreground[self.rng.integers(len(case.foreground))]
+        else:
+            centre = np.array([self.rng.integers(0, s) for s in shape])
+        start = centre - half
+        image = np.zeros(tuple(self.patch), dtype=np.float32)
+        target = np.zeros(tuple(self.patch), dtype=np.uint8)
+        src = [slice(max(0, a), min(s, a + p)) for a, s, p in zip(start, shape, self.patch)]
+        dst = [slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start)]
+        image[tuple(dst)] = case.image[tuple(src)]
+        target[tuple(dst)] = case.target[tuple(src)]
+        return image, target
+
+    def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        images, targets = [], []
+        for i in range(batch_size):
+            case = self.cases[self.rng.integers(len(self.cases))]
+            force = i >= round(batch_size * (1 - self.fg_fraction))
+            im, tg = self._one(case, force)
+            images.append(im)
+            targets.append(tg)
+        return np.stack(images)[:, None], np.stack(targets)[:, None]
+
+
+def augmentation(cfg: SegConfig):
+    """nnU-Net-style augmentation from MONAI transforms (dictionary keys ``image`` and ``label``)."""
+    from monai import transforms as T
+
+    keys = ["image", "label"]
+    ops = [
+        T.RandAffined(keys, prob=0.2, rotate_range=(math.pi / 6,) * 3, scale_range=(0.15,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"),
+    ]
+    if cfg.elastic:
+        ops.append(T.Rand3DElasticd(keys, sigma_range=(9, 13), magnitude_range=(0, 900), prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros"))
+    ops += [
+        T.RandGaussianNoised("image", prob=0.1, mean=0.0, std=0.1),
+        T.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        T.RandScaleIntensityd("image", factors=0.25, prob=0.15),  # brightness (multiplicative)
+        T.RandScaleIntensityFixedMeand("image", factors=0.25, preserve_range=True, prob=0.15),  # contrast
+        T.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),  # gamma
+        T.RandFlipd(keys, spatial_axis=0, prob=0.5),
+        T.RandFlipd(keys, spatial_axis=1, prob=0.5),
+        T.RandFlipd(keys, spatial_axis=2, prob=0.5),
+    ]
+    compose = T.Compose(ops)
+    compose.set_random_state(cfg.seed + 7)
+    return compose
+
+
+def _transform_state(compose) -> bytes:
+    """The whole transform chain, pickled: MONAI's dictionary transforms nest further random
+    transforms (RandAffined -> RandAffine -> RandAffineGrid), each with its own random state."""
+    return pickle.dumps(compose)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def poly_lr(epoch: int, cfg: SegConfig) -> float:
+    """nnU-Net's polynomial decay: lr0 * (1 - epoch / epochs) ** 0.9."""
+    return cfg.lr * (1 - epoch / cfg.epochs) ** 0.9
+
+
+def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks (1.0 when both are empty)."""
+    p, t = pred > 0, truth > 0
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
+
+
+def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True) -> tuple[torch.nn.Module, pd.DataFrame]:
+    """Train (or resume, or reuse) one binary model; ``checkpoint.pt`` and ``history.csv`` in ``out_dir``.
+
+    Args:
+        cases: training volumes.
+        val_cases: validation volumes (Dice by sliding window every ``val_every`` epochs; may be empty).
+        cfg: settings.
+        out_dir: model folder.
+        stop_after_epoch: stop (with a checkpoint) after this many epochs in total.
+        progress: progress bar.
+
+    Returns:
+        The network (eval mode) and the per-epoch history (loss, lr, validation Dice).
+    """
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    plan = cfg.plan
+    net = build_network(cfg)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    sampler = PatchSampler(cases, plan.patch_size, cfg.fg_fraction, cfg.seed + 1)
+    augment = augmentation(cfg)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    epoch, history, finished = 0, [], False
+    key = {"config": cfg.as_dict(), "cases": [c.name for c in cases]}
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if saved["key"] != key:
+            raise ValueError(f"{ckpt_path}: checkpoint was made with other settings or cases; delete it or use another folder")
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        sampler.rng.bit_generator.state = saved["sampler"]
+        augment = pickle.loads(saved["augment"])
+        torch.set_rng_state(saved["torch"])
+        epoch, history, finished = saved["epoch"], saved["history"], saved["finished"]
+    else:
+        torch.manual_seed(cfg.seed + 2)
+
+    def checkpoint() -> None:
+        from crossmoda_lib.translation import save_checkpoint
+
+        save_checkpoint(ckpt_path, {"key": key, "net": net.state_dict(), "opt": opt.state_dict(), "sampler": sampler.rng.bit_generator.state, "augment": _transform_state(augment), "torch": torch.get_rng_state(), "epoch": epoch, "history": history, "finished": finished, "plan": asdict(plan)})
+
+    bar = tqdm(total=cfg.epochs, initial=epoch, desc=f"06 training {out_dir.name}", disable=not progress or finished)
+    while not finished and epoch < cfg.epochs:
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            checkpoint()
+            bar.close()
+            net.eval()
+            return net, pd.DataFrame(history)
+        lr = poly_lr(epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        net.train()
+        losses = []
+        for _ in range(cfg.iterations_per_epoch):
+            images, targets = sampler.batch(cfg.batch_size)
+            if cfg.augment:
+                pairs = [augment({"image": im, "label": tg}) for im, tg in zip(images, targets)]
+                images = np.stack([np.asarray(p["image"]) for p in pairs])
+                targets = np.stack([np.asarray(p["label"]) for p in pairs])
+            x = torch.as_tensor(images, dtype=torch.float32)
+            y = torch.as_tensor(np.round(targets), dtype=torch.float32)
+            out = net(x)
+            if out.dim() == 6:  # deep supervision: (B, heads, C, z, y, x)
+                weights = deep_supervision_weights(out.shape[1])
+                loss = sum(w * loss_fn(out[:, i], y) for i, w in enumerate(weights))
+            else:
+                loss = loss_fn(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        epoch += 1
+        row = {"epoch": epoch, "lr": lr, "loss": float(np.mean(losses))}
+        if val_cases and cfg.val_every and epoch % cfg.val_every == 0:
+            net.eval()
+            row["val_dice"] = float(np.mean([dice_score(predict_mask(net, c.image, cfg), c.target) for c in val_cases]))
+        history.append(row)
+        cio.write_text_atomic(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+        finished = epoch >= cfg.epochs
+        checkpoint()
+        bar.update(1)
+    bar.close()
+    net.eval()
+    return net, pd.DataFrame(history)
+
+
+def load_model(model_dir: Path | str) -> tuple[torch.nn.Module, SegConfig]:
+    """A finished model (eval mode) and its settings."""
+    saved = torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    if not saved["finished"]:
+        raise ValueError(f"{model_dir}: training has not finished (epoch {saved['epoch']}); run it again to resume")
+    cfg = SegConfig.from_dict(saved["key"]["config"])
+    net = build_network(cfg)
+    net.load_state_dict(saved["net"])
+    return net.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_probabilities(nets: list[torch.nn.Module] | torch.nn.Module, image: np.ndarray, cfg: SegConfig) -> np.ndarray:
+    """Foreground probability (z, y, x) of an ensemble: Gaussian-weighted sliding windows, overlap
+    ``cfg.overlap``, averaged over models and (with ``mirror_tta``) the 8 mirrorings."""
+    from monai.inferers import sliding_window_inference
+
+    nets = nets if isinstance(nets, list) else [nets]
+    x = torch.as_tensor(image, dtype=torch.float32)[None, None]
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if cfg.mirror_tta else [()]
+    total = torch.zeros_like(x[:, :1])
+    for net in nets:
+        net.eval()
+        for axes in flips:
+            xi = x.flip(axes) if axes else x
+            logits = sliding_window_inference(xi, cfg.plan.patch_size, 4, net, overlap=cfg.overlap, mode="gaussian", padding_mode="constant")
+            prob = torch.softmax(logits, dim=1)[:, 1:2]
+            total += prob.flip(axes) if axes else prob
+    return (total / (len(nets) * len(flips)))[0, 0].numpy()
+
+
+def predict_mask(nets, image: np.ndarray, cfg: SegConfig) -> np.ndarray:
+    """Binary prediction (probability > 0.5)."""
+    return (predict_probabilities(nets, image, cfg) > 0.5).astype(np.uint8)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep exactly the largest 3D connected component (6-connectivity); empty stays empty."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(mask > 0)
+    if n <= 1:
+        return (mask > 0).astype(np.uint8)
+    sizes = np.bincount(comps.ravel())
+    sizes[0] = 0
+    return (comps == sizes.argmax()).astype(np.uint8)
+
+
+def kfold(names: list[str], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(train indices, validation indices) per fold; one fold trains on everything (no validation)."""
+    if folds <= 1:
+        return [(list(range(len(names))), [])]
+    order = np.random.default_rng(seed).permutation(len(names))
+    parts = np.array_split(order, folds)
+    return [(sorted(int(i) for j, p in enumerate(parts) if j != k for i in p), sorted(int(i) for i in parts[k])) for k in range(folds)]
+
+
+def save_manifest(out_dir: Path | str, payload: dict) -> None:
+    from crossmoda_lib import __version__
+
+    cio.write_text_atomic(Path(out_dir) / "manifest.json", json.dumps({"library_version": __version__, **payload}, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 06: training sets and k-fold ensembles
+# --------------------------------------------------------------------------------------------------
+
+STRUCTURES = {"vs": 1, "cochlea": 2}
+CASE_RE = re.compile(r"crossmoda\d{4}_(ldn|etz)_\d+")
+
+
+def training_pairs(stage03: Path | str, stage05: Path | str, structure: str, sets: list[str]) -> list[tuple[str, Path, Path, bool]]:
+    """``(case, image, label, augmented)`` of the training volumes of one structure.
+
+    ``sets`` names stage-03 folders (``pseudo_hrT2``, ``pseudo_hrT2_vc``: every source case) and/or
+    ``augmented`` (stage-05 volumes of this structure). The paper: VS on ``pseudo_hrT2_vc`` +
+    ``augmented``; cochlea on ``augmented`` only.
+    """
+    pairs = []
+    for name in sets:
+        if name == "augmented":
+            folder = Path(stage05) / "augmented"
+            images = sorted(folder.glob(f"*_{structure}_l*_pseudoT2.nii.gz"))
+        elif name in ("pseudo_hrT2", "pseudo_hrT2_vc"):
+            folder = Path(stage03) / name
+            images = sorted(folder.glob("*_pseudoT2.nii.gz"))
+        else:
+            raise ValueError(f"unknown training set {name!r}: use pseudo_hrT2, pseudo_hrT2_vc or augmented")
+        if not images:
+            raise cio.DataError(f"{folder}: no training volumes for {structure} (set {name}); run the earlier notebooks")
+        for image in images:
+            pairs.append((CASE_RE.match(image.name).group(0), image, image.parent / image.name.replace("_pseudoT2", "_Label"), name == "augmented"))
+    return pairs
+
+
+def train_structure(pairs: list[tuple[str, Path, Path, bool]], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train a k-fold ensemble of binary models for one structure (folds split by case, so that a
+    case's augmented volumes never validate a model that trained on the case).
+
+    Returns:
+        One row per fold: training and validation volumes, final loss, last validation Dice.
+    """
+    out_dir = Path(out_dir)
+    value = STRUCTURES[structure]
+    cases = [load_case(image, label, value, clip_percentile) for _, image, label, _ in pairs]
+    names = sorted({pair[0] for pair in pairs})
+    rows = []
+    for k, (train_idx, val_idx) in enumerate(kfold(names, folds, cfg.seed)):
+        train_names = {names[i] for i in train_idx}
+        val_names = {names[i] for i in val_idx}
+        train_cases = [c for c, pair in zip(cases, pairs) if pair[0] in train_names]
+        # Validate on the un-augmented volumes of the held-out cases.
+        val_cases = [c for c, pair in zip(cases, pairs) if pair[0] in val_names and not pair[3]]
+        _, history = train(train_cases, val_cases, cfg, out_dir / f"fold_{k}", progress=progress)
+        rows.append({"structure": structure, "fold": k, "train_volumes": len(train_cases), "val_volumes": len(val_cases), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if "val_dice" in history and history.val_dice.notna().any() else float("nan")})
+    table = pd.DataFrame(rows)
+    save_manifest(out_dir, {"structure": structure, "folds": folds, "settings": cfg.as_dict(), "training_volumes": [str(p[1]) for p in pairs], "clip_percentile": clip_percentile, "summary": table.to_dict("records")})
+    return table
+
+
+def load_ensemble(model_dir: Path | str) -> tuple[list[torch.nn.Module], SegConfig, dict]:
+    """Every finished fold of a structure's model folder, its settings and manifest."""
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise cio.DataError(f"{model_dir}: no trained model (manifest.json missing)")
+    manifest = json.loads(manifest_path.read_text())
+    nets, cfg = [], None
+    for k in range(manifest["folds"] if manifest["folds"] > 1 else 1):
+        net, cfg = load_model(model_dir / f"fold_{k}")
+        nets.append(net)
+    return nets, cfg, manifest
+
+
+def predict_label(image: np.ndarray, vs: tuple[list, SegConfig], cochlea: tuple[list, SegConfig], *, keep_largest_vs: bool = True, cochlea_image: np.ndarray | None = None) -> np.ndarray:
+    """A crossMoDA label (0 background, 1 VS, 2 cochlea) from the two binary ensembles.
+
+    Args:
+        image: (z, y, x) volume in [0, 1].
+        vs: (networks, settings) of the VS ensemble.
+        cochlea: (networks, settings) of the cochlea ensemble.
+        keep_largest_vs: keep the largest VS component only (the paper, for every VS model).
+        cochlea_image: a different input for the cochlea models (clipped or sharpened); default ``image``.
+    """
+    vs_mask = predict_mask(vs[0], image, vs[1])
+    if keep_largest_vs:
+        vs_mask = largest_component(vs_mask)
+    cochlea_mask = predict_mask(cochlea[0], image if cochlea_image is None else cochlea_image, cochlea[1])
+    label = vs_mask.astype(np.uint8)
+    label[cochlea_mask > 0] = 2
+    return label
+
+
+def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """For the first stage-01 hrT2 of each centre: (title, slice, predicted label slice, truth slice or
+    None) at the slice with the largest VS (predicted or true)."""
+    stage01, model_root = Path(stage01), Path(model_root)
+    vs = load_ensemble(model_root / "vs")[:2]
+    cochlea = load_ensemble(model_root / "cochlea")[:2]
+    rows = []
+    for centre in centres:
+        paths = [p for p in sorted((stage01 / sub).glob("*_hrT2.nii.gz")) if cio.centre_of(p.name) == centre]
+        if not paths:
+            continue
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[0]))).astype(np.float32)
+        label = predict_label(image, vs, cochlea)
+        truth_path = stage01 / "synthetic_truth" / paths[0].name.replace("_hrT2", "_hrT2_Label")
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) if truth_path.exists() else None
+        area = (label == 1).sum(axis=(1, 2)) + ((truth == 1).sum(axis=(1, 2)) if truth is not None else 0)
+        z = int(area.argmax())
+        rows.append((f"{centre} {paths[0].name.split('_hrT2')[0]}", image[z], label[z], truth[z] if truth is not None else None))
+    return rows

@@ -1,0 +1,106 @@
+"""Segmentation: nnU-Net planning, training and exact resume, largest component, inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from crossmoda_lib import segmentation as seg
+
+
+def test_planning_strides_an_axis_only_within_twice_the_finest_spacing():
+    fine = seg.plan_network((1.0, 0.4, 0.4), (64, 160, 160))
+    assert fine.strides[0] == (1, 1, 1) and fine.strides[1] == (1, 2, 2)  # z not pooled at first
+    assert fine.kernels[0] == (1, 3, 3)  # nor convolved along z
+    assert fine.strides[2] == (2, 2, 2) and fine.kernels[1] == (3, 3, 3)  # z at 1.0 vs 0.8 mm: within 2x
+    coarse = seg.plan_network((1.0, 0.6, 0.6), (64, 160, 160))
+    assert coarse.strides[1] == (2, 2, 2) and coarse.kernels[0] == (3, 3, 3)
+    assert coarse.kernels[-1] == (3, 3, 3) and len(coarse.kernels) == len(coarse.strides)
+    # Feature maps never go below min_feature_map (4) and pooling per axis is capped at 5.
+    for plan, patch in ((fine, (64, 160, 160)), (coarse, (64, 160, 160))):
+        size = np.array(patch)
+        for stride in plan.strides:
+            size = np.ceil(size / np.array(stride))
+        assert size.min() >= 4 and max(plan.pools_per_axis) <= 5
+    # Patch sizes are padded to what the poolings divide.
+    odd = seg.plan_network((1.0, 0.6, 0.6), (20, 50, 50))
+    assert all(p % 2**k == 0 for p, k in zip(odd.patch_size, odd.pools_per_axis))
+
+
+def test_network_from_the_plan():
+    cfg = seg.SegConfig(patch_size=(16, 32, 32), base_filters=8, max_filters=32)
+    net = seg.build_network(cfg)
+    net.train()
+    out = net(torch.zeros(2, 1, 16, 32, 32))
+    assert out.shape[0] == 2 and out.shape[2:] == (2, 16, 32, 32) and out.shape[1] >= 2
+    net.eval()
+    assert net(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 2, 16, 32, 32)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(m.affine for m in norms)
+    assert seg.deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    assert seg.poly_lr(0, cfg) == cfg.lr and seg.poly_lr(250, cfg) == pytest.approx(0.01 * 0.5**0.9)
+
+
+def _toy_cases(n: int = 2) -> list[seg.Case]:
+    rng = np.random.default_rng(0)
+    cases = []
+    for k in range(n):
+        image = (0.3 + 0.05 * rng.standard_normal((16, 32, 32))).astype(np.float32)
+        target = np.zeros(image.shape, dtype=np.uint8)
+        z, y, x = np.mgrid[:16, :32, :32]
+        target[((z - 8) / 4.0) ** 2 + ((y - 12 - 4 * k) / 5.0) ** 2 + ((x - 16) / 5.0) ** 2 < 1] = 1
+        image[target > 0] += 0.5
+        cases.append(seg.Case(f"case{k}", image, target))
+    return cases
+
+
+TOY = seg.SegConfig(patch_size=(16, 32, 32), base_filters=4, max_filters=16, batch_size=2, epochs=6, iterations_per_epoch=4, val_every=3, mirror_tta=False, lr=0.01)
+
+
+def test_short_training_lowers_the_loss_and_resume_is_exact(tmp_path):
+    cases = _toy_cases()
+    net, history = seg.train(cases, cases[:1], TOY, tmp_path / "straight", progress=False)
+    assert len(history) == 6 and history.loss.iloc[-1] < history.loss.iloc[0]
+    assert history.lr.iloc[0] == 0.01 and history.lr.iloc[-1] < 0.01
+    assert "val_dice" in history.columns and history.val_dice.notna().sum() == 2
+    seg.train(cases, cases[:1], TOY, tmp_path / "resumed", stop_after_epoch=2, progress=False)
+    resumed, history2 = seg.train(cases, cases[:1], TOY, tmp_path / "resumed", progress=False)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert history.loss.tolist() == history2.loss.tolist()
+    loaded, cfg = seg.load_model(tmp_path / "straight")
+    assert cfg == TOY
+    with pytest.raises(ValueError, match="other settings"):
+        seg.train(cases, [], seg.SegConfig(**{**TOY.__dict__, "epochs": 7}), tmp_path / "straight", progress=False)
+
+
+def test_patches_oversample_foreground():
+    cases = _toy_cases(1)
+    sampler = seg.PatchSampler(cases, (8, 8, 8), fg_fraction=0.33, seed=0)
+    hits = [tg[-1].any() for tg in (sampler.batch(3)[1] for _ in range(50))]
+    assert all(hits)  # the last third of each batch is centred on foreground
+
+
+def test_largest_component_keeps_exactly_the_largest():
+    mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    mask[2:6, 2:6, 2:6] = 1  # 64 voxels
+    mask[10:17, 10:17, 10:17] = 1  # 343 voxels
+    mask[0, 19, 19] = 1
+    mask[17, 16, 16] = 0
+    kept = seg.largest_component(mask)
+    comps, _ = ndimage.label(mask)
+    assert np.array_equal(kept, (comps == comps[12, 12, 12]).astype(np.uint8))
+    assert seg.largest_component(np.zeros((3, 3, 3))).sum() == 0
+
+
+def test_sliding_window_prediction_shape_and_values(tmp_path):
+    cases = _toy_cases(1)
+    cfg = seg.SegConfig(**{**TOY.__dict__, "mirror_tta": True})
+    net = seg.build_network(cfg).eval()
+    image = np.random.default_rng(1).random((20, 40, 36)).astype(np.float32)
+    prob = seg.predict_probabilities(net, image, cfg)
+    assert prob.shape == image.shape and 0 <= prob.min() and prob.max() <= 1
+    assert set(np.unique(seg.predict_mask(net, cases[0].image, cfg))) <= {0, 1}
+    assert seg.kfold(["a", "b", "c", "d", "e"], 5, 0)[0][1] and len(seg.kfold(["a"], 1, 0)[0][1]) == 0
