@@ -121,6 +121,14 @@ def prepare_data(data_source: str, data_dir: Path | str, seed: int, synth_cases_
     return path
 
 
+def require_stage(stage: Path | str, name: str) -> Path:
+    """Fail early, naming the notebook to run, when an earlier stage's outputs are missing."""
+    stage = Path(stage)
+    if not (stage / "manifest.json").is_file():
+        raise cio.DataError(f"{stage}: no finished {name} outputs (manifest.json missing); run notebooks/{name}.ipynb first")
+    return stage
+
+
 def stage_dir(output_dir: Path | str, stage: str) -> Path:
     """The folder of one stage's outputs, e.g. ``outputs/demo/01_preprocess``."""
     return resolve_path(output_dir) / stage

@@ -591,6 +591,21 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
     return path
 
 
+def save_torch_atomic(path: Path | str, payload: object) -> Path:
+    """``torch.save`` atomically (temporary sibling, then rename): checkpoints are never half written."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, path.suffix)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_text_atomic(path: Path | str, text: str) -> Path:
     """Write UTF-8 text atomically."""
     return write_bytes_atomic(path, text.encode("utf-8"))

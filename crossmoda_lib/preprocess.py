@@ -150,12 +150,6 @@ def _resample(image: sitk.Image, grid: Lattice, interpolator: int, default: floa
     return sitk.Resample(image, grid.reference(), sitk.Transform(), interpolator, float(default), out_type)
 
 
-def intensity_range(image: sitk.Image, percentiles: tuple[float, float]) -> tuple[float, float]:
-    """(lo, hi) percentiles of the image; hi > lo guaranteed (falls back to min/max)."""
-    arr = sitk.GetArrayViewFromImage(image)
-    return _checked_range(arr, *(float(v) for v in np.percentile(arr, percentiles)))
-
-
 def _checked_range(arr: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     if hi <= lo:
         lo, hi = float(arr.min()), float(arr.max())

@@ -343,9 +343,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
         torch.manual_seed(cfg.seed + 2)
 
     def checkpoint() -> None:
-        from crossmoda_lib.translation import save_checkpoint
-
-        save_checkpoint(ckpt_path, {"key": key, "net": net.state_dict(), "opt": opt.state_dict(), "sampler": sampler.rng.bit_generator.state, "augment": _transform_state(augment), "torch": torch.get_rng_state(), "epoch": epoch, "history": history, "finished": finished, "plan": asdict(plan)})
+        cio.save_torch_atomic(ckpt_path, {"key": key, "net": net.state_dict(), "opt": opt.state_dict(), "sampler": sampler.rng.bit_generator.state, "augment": _transform_state(augment), "torch": torch.get_rng_state(), "epoch": epoch, "history": history, "finished": finished, "plan": asdict(plan)})
 
     bar = tqdm(total=cfg.epochs, initial=epoch, desc=f"06 training {out_dir.name}", disable=not progress or finished)
     while not finished and epoch < cfg.epochs:

@@ -399,9 +399,7 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
             net_g, net_d, history = train_scale(model, n, progress, prev_state)
             prev_state = (net_g.state_dict(), net_d.state_dict())
             payload = {"key": key, "G": prev_state[0], "D": prev_state[1], "z_opt": model.z_opt[n], "noise_amp": model.noise_amps[n], "history": history}
-            from crossmoda_lib.translation import save_checkpoint
-
-            save_checkpoint(ckpt, payload)
+            cio.save_torch_atomic(ckpt, payload)
             histories.append(history)
         if stop_after_scale is not None and n >= stop_after_scale:
             break

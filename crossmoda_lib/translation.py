@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmoda_lib import config
 from crossmoda_lib import io as cio
 
 # --------------------------------------------------------------------------------------------------
@@ -384,18 +383,6 @@ def _flip(x: torch.Tensor, generator: torch.Generator, enabled: bool) -> torch.T
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic torch.save (temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, *, stop_after: int | None = None, progress: bool = True) -> tuple[CycleGAN, pd.DataFrame]:
     """Train (or resume, or reuse) a CycleGAN; checkpoints and ``losses.csv`` go to ``out_dir``.
 
@@ -447,7 +434,7 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
     total = total_epochs * steps_per_epoch
 
     def checkpoint() -> None:
-        save_checkpoint(
+        cio.save_torch_atomic(
             ckpt_path,
             {
                 "config": cfg.as_dict(),
@@ -564,21 +551,13 @@ def stage_volumes(stage01: Path | str, sub: str, modality: str, centres: list[st
     return [p for p in paths if cio.centre_of(p.name) in centres]
 
 
-def require_stage(stage: Path | str, name: str) -> Path:
-    """Fail early, naming what to run, when an earlier stage's outputs are missing."""
-    stage = Path(stage)
-    if not (stage / "manifest.json").is_file():
-        raise cio.DataError(f"{stage}: no finished {name} outputs (manifest.json missing); run notebooks/{name}.ipynb first")
-    return stage
-
-
 def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, centres: list[str], *, min_anatomy_fraction: float = 0.1, progress: bool = True, stop_after: int | None = None) -> tuple[CycleGAN, pd.DataFrame, dict]:
     """Stage 02: train the CycleGAN on stage-01 ceT1 (source) and hrT2 (target) slices of ``centres``.
 
     Every input volume is checked before training starts. Returns the networks, the loss history and
     a summary (slices and cases per domain).
     """
-    stage01 = require_stage(stage01, "01_preprocess")
+    stage01 = config.require_stage(stage01, "01_preprocess")
     paths_a = stage_volumes(stage01, "source", "ceT1", centres)
     paths_b = stage_volumes(stage01, "target", "hrT2", centres)
     for label, paths in (("ceT1 (source)", paths_a), ("hrT2 (target)", paths_b)):
@@ -607,7 +586,7 @@ def translate_stage(stage01: Path | str, checkpoint: Path | str, out_dir: Path |
     """
     from tqdm.auto import tqdm
 
-    stage01 = require_stage(stage01, "01_preprocess")
+    stage01 = config.require_stage(stage01, "01_preprocess")
     g_a, _, cfg = load_generators(checkpoint)
     out_dir = Path(out_dir)
     rows = []
