@@ -89,6 +89,83 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hrt2_dir", type=Path, help="folder of hrT2 volumes (*.nii.gz)")
+    p.add_argument("out_dir", type=Path, help="where <case>_Label.nii.gz files go (not inside hrt2_dir)")
+    p.add_argument("--models", type=Path, required=True, help="a model folder with inference.json (e.g. outputs/demo/08_inference/models)")
+    p.add_argument("--overwrite", action="store_true", help="recompute predictions that already exist")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("predict", "segment a folder of hrT2 into crossMoDA labels on each input's own grid")(_setup_predict)
+def _run_predict(args: argparse.Namespace) -> int:
+    from crossmoda_lib import inference
+    from crossmoda_lib import io as cio
+
+    try:
+        rows = inference.predict_folder(args.hrt2_dir, args.out_dir, args.models, overwrite=args.overwrite, progress=not args.no_progress)
+    except cio.DataError as exc:
+        print(f"crossmoda predict: {exc}", file=sys.stderr)
+        return 2
+    written = sum(r["status"] == "written" for r in rows)
+    print(f"{written} written, {len(rows) - written} kept, in {args.out_dir}")
+    return 0
+
+
+def _setup_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pred_dir", type=Path, help="predicted labels <case>_Label.nii.gz")
+    p.add_argument("truth_dir", type=Path, help="ground-truth labels (<case>_Label.nii.gz or <case>_hrT2_Label.nii.gz)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="scores CSV to write")
+
+
+@command("evaluate", "score predictions against ground truth (crossMoDA 2022 Dice, ASSD; HD95)")(_setup_evaluate)
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from crossmoda_lib import io as cio
+    from crossmoda_lib import metrics
+
+    try:
+        table = metrics.evaluate_folders(args.pred_dir, args.truth_dir)
+    except cio.DataError as exc:
+        print(f"crossmoda evaluate: {exc}", file=sys.stderr)
+        return 2
+    cio.write_text_atomic(args.output, table.to_csv(index=False))
+    print(metrics.formatted_table(table[metrics.OFFICIAL_COLUMNS + ["Centre"]], ["Centre"]).to_string())
+    print(f"{len(table)} cases -> {args.output}")
+    return 0
+
+
+def _setup_rank(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scores", type=Path, help="CSV with Case, Team, VS_Dice, VS_ASSD, Cochlea_Dice, Cochlea_ASSD")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for stability (0: none; papers/003: 1000)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--by-centre", action="store_true", help="also rank within each centre")
+
+
+@command("rank", "the crossMoDA 2022 challenge ranking of per-case team scores, with bootstrap stability")(_setup_rank)
+def _run_rank(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from crossmoda_lib import io as cio
+    from crossmoda_lib import ranking
+
+    try:
+        scores = ranking.read_scores(args.scores)
+        table = ranking.ranking(scores)
+    except cio.DataError as exc:
+        print(f"crossmoda rank: {exc}", file=sys.stderr)
+        return 2
+    print(f"{scores.Case.nunique()} cases, {len(table)} teams; ranking score = mean over cases of the mean rank over 4 metrics")
+    print(table.merge(ranking.team_summary(scores), on="Team").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.bootstrap:
+        boot, taus = ranking.bootstrap(scores, args.bootstrap, args.seed)
+        print(f"\nbootstrap ({args.bootstrap} samples, seed {args.seed}): Kendall tau to the full ranking median {np.median(taus):.3f}, 2.5% {np.percentile(taus, 2.5):.3f}")
+        print(boot.to_string(index=False))
+    if args.by_centre:
+        print()
+        print(ranking.per_centre(scores).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossmoda", description="crossMoDA 2022 companion: data, stages and evaluation.")
     from crossmoda_lib import __version__

@@ -1,6 +1,8 @@
 """Profiles (``params/*.yaml``), project paths and version records.
 
-A profile file has a ``common`` section (profile name, seed, data and output folders, synthetic
+A profile file may start from another (``extends: demo.yaml``, relative to the file; its sections
+are merged key by key) and may reuse finished stages of another run (``reuse``, see
+:func:`crossmoda_lib.runs.run_profile`). A profile file has a ``common`` section (profile name, seed, data and output folders, synthetic
 cohort settings) and a ``notebooks`` section with one mapping per notebook stem. Each notebook gets
 the common values it declares in its ``parameters`` cell plus its own section; a key in a section
 that the notebook does not declare is an error (a typo would otherwise be silently ignored).
@@ -53,12 +55,16 @@ def load_profile(path: Path | str) -> dict[str, Any]:
         ProfileError: missing file, bad YAML, missing or unknown common keys, bad values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"{path}: profile file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not valid YAML ({exc})") from exc
+    data = _read_yaml(path)
+    if isinstance(data, dict) and "extends" in data:
+        base = _read_yaml(path.parent / data.pop("extends"))
+        merged = {**base, **{k: v for k, v in data.items() if k not in ("common", "notebooks")}}
+        merged["common"] = {**(base.get("common") or {}), **(data.get("common") or {})}
+        notebooks = {k: dict(v) for k, v in (base.get("notebooks") or {}).items()}
+        for name, section in (data.get("notebooks") or {}).items():
+            notebooks[name] = {**notebooks.get(name, {}), **section}
+        merged["notebooks"] = notebooks
+        data = merged
     if not isinstance(data, dict) or not isinstance(data.get("common"), dict):
         raise ProfileError(f"{path}: expected a mapping with a 'common' section")
     common = data["common"]
@@ -73,7 +79,22 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     notebooks = data.get("notebooks") or {}
     if not isinstance(notebooks, dict) or not all(isinstance(v, dict) for v in notebooks.values()):
         raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")
-    return {"path": str(path), "common": dict(common), "notebooks": {k: dict(v) for k, v in notebooks.items()}}
+    extra = sorted(set(data) - {"common", "notebooks", "reuse"})
+    if extra:
+        raise ProfileError(f"{path}: unknown top-level key(s) {extra}; known: common, notebooks, extends, reuse")
+    reuse = data.get("reuse")
+    if reuse is not None and (not isinstance(reuse, dict) or "from" not in reuse or not isinstance(reuse.get("notebooks"), list)):
+        raise ProfileError(f"{path}: reuse must be a mapping with 'from' (an output folder) and 'notebooks' (a list)")
+    return {"path": str(path), "common": dict(common), "notebooks": {k: dict(v) for k, v in notebooks.items()}, "reuse": reuse}
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ProfileError(f"{path}: profile file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML ({exc})") from exc
 
 
 def notebook_parameters(profile: dict[str, Any], notebook: str, declared: dict[str, Any]) -> dict[str, Any]:

@@ -172,18 +172,28 @@ def loss_curves(history, columns: tuple[str, ...], title: str) -> plt.Figure:
     return fig
 
 
-def overlay_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> plt.Figure:
-    """Per row: the image with predicted contours, and (when given) with the ground-truth contours."""
-    fig, axes = plt.subplots(len(rows), 2, figsize=(8.0, 3.6 * len(rows)), squeeze=False)
-    for (title, image, pred, truth), (ax_p, ax_t) in zip(rows, axes):
-        for ax, lab, name in ((ax_p, pred, "prediction"), (ax_t, truth, "ground truth")):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+def label_panels(rows: list[tuple[str, list[tuple[str, np.ndarray, np.ndarray | None]]]], size: float = 3.0) -> plt.Figure:
+    """A grid of images with label contours (red VS, yellow cochlea): one row per
+    ``(row title, [(panel title, image, label or None), ...])``."""
+    n_cols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(size * n_cols, size * len(rows)), squeeze=False)
+    for r, (row_title, panels) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
             ax.axis("off")
-            ax.set_title(f"{title}: {name}" if lab is not None else f"{title}: (no ground truth)", fontsize=8)
-            if lab is None:
+            if c >= len(panels):
                 continue
+            title, image, lab = panels[c]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title if lab is not None else f"{title} (none)", fontsize=8)
             for value, colour in LABEL_COLOURS.items():
-                if (lab == value).any():
+                if lab is not None and (lab == value).any():
                     ax.contour((lab == value).astype(float), levels=[0.5], colors=[colour], linewidths=0.9)
+        axes[r, 0].text(-0.04, 0.5, row_title, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def overlay_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> plt.Figure:
+    """Per row: the image with predicted contours, and (when given) with the ground-truth contours."""
+    return label_panels([(title, [("prediction", image, pred), ("ground truth", image, truth)]) for title, image, pred, truth in rows], size=3.8)

@@ -100,9 +100,11 @@ def lattice_of(image: sitk.Image) -> Lattice:
     return Lattice(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
 
-def resampled_lattice(image: sitk.Image, spacing: tuple[float, float, float]) -> Lattice:
-    """The full grid of ``image`` resampled to ``spacing``: same direction, centred on the same extent."""
-    src = lattice_of(image)
+def resampled_lattice(image: sitk.Image | Lattice, spacing: tuple[float, float, float]) -> Lattice:
+    """The full grid of ``image`` (or of a lattice) resampled to ``spacing``: same direction, centred
+    on the same extent, ``round(n * s / s')`` points per axis. Applied to a crop lattice it gives the
+    same crop at another spacing (stage 08's refinement grid)."""
+    src = image if isinstance(image, Lattice) else lattice_of(image)
     n = np.array(src.size, dtype=float)
     ratio = np.array(spacing, dtype=float) / np.array(src.spacing, dtype=float)
     count = np.maximum(1, np.round(n / ratio)).astype(int)

@@ -99,6 +99,15 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
         "notebooks": [],
     }
     manifest_path = out_root / "run_manifest.json"
+    earlier = _earlier_entries(manifest_path, common["profile"], {nb.name for nb, _ in plan})
+    reused = _reuse_stages(profile, plan, out_root, root)
+    manifest["reused"] = reused
+    plan = [(nb, params) for nb, params in plan if nb.stem not in reused]
+
+    def save() -> None:
+        entries = sorted(earlier + manifest["notebooks"], key=lambda e: e["notebook"])
+        cio.write_text_atomic(manifest_path, json.dumps({**manifest, "notebooks": entries}, indent=2, default=str) + "\n")
+
     for nb, params in plan:
         target = executed / nb.name
         t0 = time.perf_counter()
@@ -108,11 +117,73 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
         except papermill.PapermillExecutionError as exc:
             entry.update(status="failed", wall_s=round(time.perf_counter() - t0, 2), error=f"{exc.ename}: {exc.evalue}")
             manifest["notebooks"].append(entry)
-            cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+            save()
             raise NotebookFailed(f"notebooks/{nb.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n  executed copy: {target}") from exc
         entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 2))
         manifest["notebooks"].append(entry)
-        cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+        save()
     manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+    save()
     return manifest
+
+
+#: Output folder of each notebook (the stage folder a later run may reuse).
+STAGE_FOLDERS = {"05_tumor_blending": "05_blending"}
+PATH_KEYS = ("profile", "output_dir", "data_dir")
+
+
+def _earlier_entries(manifest_path: Path, profile: str, now: set[str]) -> list[dict]:
+    """Entries of notebooks run earlier with the same profile and not re-run now (``--only`` runs
+    then extend the run's manifest instead of replacing it)."""
+    if not manifest_path.is_file():
+        return []
+    old = json.loads(manifest_path.read_text())
+    if old.get("profile") != profile:
+        return []
+    return [e for e in old.get("notebooks", []) if Path(e["notebook"]).name not in now]
+
+
+def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict[str, str]:
+    """Copy finished stages from another run instead of recomputing them (ablations share 01-05).
+
+    A profile's ``reuse: {from: outputs/demo, notebooks: [01_preprocess, ...]}`` is honoured only when
+    that run executed each notebook successfully with the same parameters (paths aside); otherwise a
+    :class:`ProfileError` says which notebook differs. Files are hard-linked when possible.
+    """
+    import os
+    import shutil
+
+    spec = profile.get("reuse")
+    if not spec:
+        return {}
+    source = config.resolve_path(spec["from"], root)
+    manifest_path = source / "run_manifest.json"
+    if not manifest_path.is_file():
+        raise config.ProfileError(f"{profile['path']}: reuse.from {source} has no run_manifest.json; run that profile first")
+    done = {Path(e["notebook"]).stem: e for e in json.loads(manifest_path.read_text())["notebooks"] if e["status"] == "ok"}
+    wanted = {nb.stem: params for nb, params in plan}
+    reused = {}
+    for stem in spec.get("notebooks", []):
+        if stem not in done:
+            raise config.ProfileError(f"{profile['path']}: reuse: {source} has no successful run of {stem}")
+        mine = {k: v for k, v in wanted.get(stem, {}).items() if k not in PATH_KEYS}
+        theirs = {k: v for k, v in done[stem]["parameters"].items() if k not in PATH_KEYS}
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise config.ProfileError(f"{profile['path']}: reuse of {stem} from {source}: parameters differ ({diff})")
+        folder = STAGE_FOLDERS.get(stem, stem)
+        target = out_root / folder
+        if not target.exists():
+            tmp = out_root / f".{folder}.reusing"
+            shutil.rmtree(tmp, ignore_errors=True)
+
+            def link(src, dst):
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+
+            shutil.copytree(source / folder, tmp, copy_function=link)
+            tmp.rename(target)
+        reused[stem] = str(source / folder)
+    return reused

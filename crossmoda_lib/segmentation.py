@@ -32,6 +32,7 @@ import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -206,13 +207,18 @@ class Case:
         self.foreground = np.argwhere(self.target > 0)
 
 
+def clip_to_percentile(image: np.ndarray, percentile: float | None) -> np.ndarray:
+    """``clip(image, 0, p) / p`` with ``p`` the image's ``percentile``-th percentile (unchanged for None)."""
+    if percentile is None:
+        return image
+    top = float(np.percentile(image, percentile))
+    return (np.clip(image, 0, top) / max(top, 1e-6)).astype(np.float32)
+
+
 def load_case(image_path: Path | str, label_path: Path | str, value: int, clip_percentile: float | None = None) -> Case:
     """Read a volume and its label; the target is ``label == value``. ``clip_percentile`` clips the
     image at that percentile and rescales to [0, 1] (the paper clips real hrT2 at the 95th for cochlea)."""
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float32)
-    if clip_percentile is not None:
-        top = float(np.percentile(image, clip_percentile))
-        image = np.clip(image, 0, top) / max(top, 1e-6)
+    image = clip_to_percentile(sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float32), clip_percentile)
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
     match = re.match(r"crossmoda\d{4}_(ldn|etz)_\d+", Path(image_path).name)
     return Case(match.group(0) if match else Path(image_path).name, image, (label == value).astype(np.uint8))
@@ -465,55 +471,88 @@ def save_manifest(out_dir: Path | str, payload: dict) -> None:
 
 STRUCTURES = {"vs": 1, "cochlea": 2}
 CASE_RE = re.compile(r"crossmoda\d{4}_(ldn|etz)_\d+")
+TRAINING_SETS = ("pseudo_hrT2", "pseudo_hrT2_vc", "augmented", "ceT1")
 
 
-def training_pairs(stage03: Path | str, stage05: Path | str, structure: str, sets: list[str]) -> list[tuple[str, Path, Path, bool]]:
-    """``(case, image, label, augmented)`` of the training volumes of one structure.
+class Pair(NamedTuple):
+    """One training volume: case name, image and label files, whether it is a tumour-blended volume,
+    whether it is a real hrT2 (with a pseudo-label; clipped for the cochlea as the paper does)."""
 
-    ``sets`` names stage-03 folders (``pseudo_hrT2``, ``pseudo_hrT2_vc``: every source case) and/or
-    ``augmented`` (stage-05 volumes of this structure). The paper: VS on ``pseudo_hrT2_vc`` +
-    ``augmented``; cochlea on ``augmented`` only.
+    case: str
+    image: Path
+    label: Path
+    augmented: bool = False
+    real: bool = False
+
+
+def training_pairs(stage03: Path | str, stage05: Path | str, structure: str, sets: list[str], stage01: Path | str | None = None) -> list[Pair]:
+    """The training volumes of one structure.
+
+    ``sets`` names stage-03 folders (``pseudo_hrT2``, ``pseudo_hrT2_vc``: every source case),
+    ``augmented`` (stage-05 volumes of this structure) and/or ``ceT1`` (the stage-01 ceT1 volumes
+    themselves, for the source-only ablation; needs ``stage01``). The paper: VS on
+    ``pseudo_hrT2_vc`` + ``augmented``; cochlea on ``augmented`` only.
     """
     pairs = []
     for name in sets:
         if name == "augmented":
-            folder = Path(stage05) / "augmented"
+            folder, suffix = Path(stage05) / "augmented", "_pseudoT2"
             images = sorted(folder.glob(f"*_{structure}_l*_pseudoT2.nii.gz"))
         elif name in ("pseudo_hrT2", "pseudo_hrT2_vc"):
-            folder = Path(stage03) / name
+            folder, suffix = Path(stage03) / name, "_pseudoT2"
             images = sorted(folder.glob("*_pseudoT2.nii.gz"))
+        elif name == "ceT1":
+            if stage01 is None:
+                raise ValueError("training set 'ceT1' needs the stage-01 folder")
+            folder, suffix = Path(stage01) / "source", "_ceT1"
+            images = sorted(folder.glob("*_ceT1.nii.gz"))
         else:
-            raise ValueError(f"unknown training set {name!r}: use pseudo_hrT2, pseudo_hrT2_vc or augmented")
+            raise ValueError(f"unknown training set {name!r}: use one of {TRAINING_SETS}")
         if not images:
             raise cio.DataError(f"{folder}: no training volumes for {structure} (set {name}); run the earlier notebooks")
         for image in images:
-            pairs.append((CASE_RE.match(image.name).group(0), image, image.parent / image.name.replace("_pseudoT2", "_Label"), name == "augmented"))
+            label = image.parent / image.name.replace(suffix, "_Label")
+            if not label.exists():
+                raise cio.DataError(f"{label}: label of {image.name} is missing")
+            pairs.append(Pair(CASE_RE.match(image.name).group(0), image, label, name == "augmented"))
     return pairs
 
 
-def train_structure(pairs: list[tuple[str, Path, Path, bool]], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True) -> pd.DataFrame:
+def train_structure(pairs: list[Pair], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True) -> pd.DataFrame:
     """Train a k-fold ensemble of binary models for one structure (folds split by case, so that a
     case's augmented volumes never validate a model that trained on the case).
+
+    Args:
+        clip_percentile: clip the *real* hrT2 volumes (``Pair.real``) at this percentile (the paper:
+            95 for the cochlea). It is recorded in the manifest, and inference applies it to every
+            real hrT2 that this model segments.
 
     Returns:
         One row per fold: training and validation volumes, final loss, last validation Dice.
     """
     out_dir = Path(out_dir)
+    pairs = [Pair(*p) for p in pairs]
     value = STRUCTURES[structure]
-    cases = [load_case(image, label, value, clip_percentile) for _, image, label, _ in pairs]
-    names = sorted({pair[0] for pair in pairs})
+    cases = [load_case(p.image, p.label, value, clip_percentile if p.real else None) for p in pairs]
+    names = sorted({p.case for p in pairs})
     rows = []
     for k, (train_idx, val_idx) in enumerate(kfold(names, folds, cfg.seed)):
         train_names = {names[i] for i in train_idx}
         val_names = {names[i] for i in val_idx}
-        train_cases = [c for c, pair in zip(cases, pairs) if pair[0] in train_names]
+        train_cases = [c for c, p in zip(cases, pairs) if p.case in train_names]
         # Validate on the un-augmented volumes of the held-out cases.
-        val_cases = [c for c, pair in zip(cases, pairs) if pair[0] in val_names and not pair[3]]
+        val_cases = [c for c, p in zip(cases, pairs) if p.case in val_names and not p.augmented]
         _, history = train(train_cases, val_cases, cfg, out_dir / f"fold_{k}", progress=progress)
         rows.append({"structure": structure, "fold": k, "train_volumes": len(train_cases), "val_volumes": len(val_cases), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if "val_dice" in history and history.val_dice.notna().any() else float("nan")})
     table = pd.DataFrame(rows)
-    save_manifest(out_dir, {"structure": structure, "folds": folds, "settings": cfg.as_dict(), "training_volumes": [str(p[1]) for p in pairs], "clip_percentile": clip_percentile, "summary": table.to_dict("records")})
+    save_manifest(out_dir, {"structure": structure, "folds": folds, "settings": cfg.as_dict(), "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in pairs], "clip_percentile": clip_percentile, "summary": table.to_dict("records")})
     return table
+
+
+def manifest_pairs(manifest: dict, *, real: bool | None = None) -> list[Pair]:
+    """The training pairs recorded in a model manifest (optionally only the real or the non-real ones)."""
+    pairs = [Pair(c, Path(i), Path(lab), bool(a), bool(r)) for c, i, lab, a, r in manifest["training_pairs"]]
+    return [p for p in pairs if real is None or p.real == real]
 
 
 def load_ensemble(model_dir: Path | str) -> tuple[list[torch.nn.Module], SegConfig, dict]:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -17,7 +19,7 @@ from crossmoda_lib import config, runs
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = runs.discover_notebooks(ROOT)
-PROFILES = sorted((ROOT / "params").glob("*.yaml"))
+PROFILES = sorted((ROOT / "params").glob("*.yaml")) + sorted((ROOT / "params" / "ablations").glob("*.yaml"))
 
 
 def test_there_are_notebooks_and_profiles():
@@ -179,3 +181,92 @@ def test_smoke_04_05_outputs(smoke_run):
         label = sitk.ReadImage(str(out / "05_blending" / row.file.replace("_pseudoT2", "_Label")))
         source = sitk.ReadImage(str(out / "03_translate" / row.source / f"{row.case}_pseudoT2.nii.gz"))
         assert cio.geometry_mismatch(volume, source) is None and cio.geometry_mismatch(label, source) is None
+
+
+@pytest.mark.notebook
+def test_smoke_06_07_08_outputs(smoke_run):
+    import SimpleITK as sitk
+
+    from crossmoda_lib import inference
+    from crossmoda_lib import io as cio
+
+    tmp, _ = smoke_run
+    out, data = tmp / "outputs", tmp / "data"
+    for structure in ("vs", "cochlea"):
+        assert (out / "06_segmentation" / structure / "fold_0" / "history.csv").is_file()
+    smoke = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())["notebooks"]["07_self_training"]
+    rounds = smoke["rounds"]
+    targets = sorted(p.name.replace("_hrT2", "_Label") for p in (data / "training_target").glob("*_hrT2.nii.gz"))
+    for k in range(1, rounds + 1):
+        round_dir = out / "07_self_training" / f"round_{k}"
+        assert sorted(p.name for p in (round_dir / "pseudo_labels").glob("*.nii.gz")) == targets
+        for structure in ("vs", "cochlea"):
+            manifest = json.loads((round_dir / structure / "manifest.json").read_text())
+            real = [p for p in manifest["training_pairs"] if p[4]]
+            assert len(real) == len(targets)
+            # Intermediate rounds keep the stage-06 set; the last trains on real hrT2 only.
+            assert (len(real) == len(manifest["training_pairs"])) == (k == rounds)
+            assert manifest["clip_percentile"] == (95.0 if structure == "cochlea" else None)
+    dice = pd.read_csv(out / "07_self_training" / "dice_by_round.csv")
+    assert sorted(dice["round"].unique()) == list(range(1, rounds + 1)) and {"vs_dice", "cochlea_dice"} <= set(dice.columns)
+    # Submission-format predictions for every validation case.
+    for path in sorted((data / "validation").glob("*_hrT2.nii.gz")):
+        label = sitk.ReadImage(str(out / "08_inference" / "predictions" / inference.label_name(path.name)))
+        assert cio.geometry_mismatch(label, sitk.ReadImage(str(path))) is None
+        assert set(np.unique(sitk.GetArrayViewFromImage(label))) <= {0, 1, 2}
+    assert (out / "08_inference" / "models" / "inference.json").is_file() and (out / "08_inference" / "figures" / "validation_predictions.png").is_file()
+
+
+@pytest.mark.notebook
+def test_smoke_09_outputs_rebuild_from_csv(smoke_run, tmp_path):
+    from crossmoda_lib import metrics, report
+
+    tmp, _ = smoke_run
+    stage = tmp / "outputs" / "09_evaluation"
+    scores = pd.read_csv(stage / "scores.csv")
+    validation = sorted(p.name.removesuffix("_hrT2.nii.gz") for p in (tmp / "data" / "validation").glob("*_hrT2.nii.gz"))
+    assert list(scores.columns[:6]) == [*metrics.OFFICIAL_COLUMNS, "Centre"] and sorted(scores.Case) == validation
+    for name in ("table1", "per_centre_mean_std", "per_centre_median_iqr", "ablations", "challenge_ranking"):
+        for suffix in (".md", ".csv", ".tex"):
+            assert (stage / "tables" / f"{name}{suffix}").is_file(), name + suffix
+    assert (stage / "figures" / "scores_by_centre.png").is_file() and (stage / "figures" / "figure4.png").is_file()
+    # Tables rebuild from the saved CSV alone (no model, no image) and equal the saved ones.
+    rebuilt = report.table1(pd.read_csv(stage / "scores.csv"), "this run")
+    report.save_table(rebuilt, tmp_path / "table1")
+    assert (tmp_path / "table1.md").read_text() == (stage / "tables" / "table1.md").read_text()
+    ranking_md = (stage / "tables" / "challenge_ranking.md").read_text()
+    assert ranking_md.index("ne2e") < ranking_md.index("MAI") < ranking_md.index("LaTIM")
+
+
+@pytest.mark.notebook
+def test_two_smoke_runs_with_the_same_seed_give_identical_scores(smoke_run, tmp_path):
+    tmp, _ = smoke_run
+    runs.run_profile(_smoke_profile(tmp_path), progress=False)
+    first = (tmp / "outputs" / "09_evaluation" / "scores.csv").read_bytes()
+    assert (tmp_path / "outputs" / "09_evaluation" / "scores.csv").read_bytes() == first
+
+
+@pytest.mark.notebook
+def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke_run, tmp_path):
+    tmp, _ = smoke_run
+    profile = {
+        "extends": str(_smoke_profile(tmp)),
+        "common": {"profile": "smoke_no_self_training", "output_dir": str(tmp_path / "ablation")},
+        "reuse": {"from": str(tmp / "outputs"), "notebooks": ["01_preprocess", "02_cyclegan", "03_translate", "04_singan", "05_tumor_blending", "06_segmentation"]},
+        "notebooks": {"07_self_training": {"rounds": 0}, "09_evaluation": {"ablation_dirs": [str(tmp / "outputs")]}},
+    }
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    manifest = runs.run_profile(path, progress=False)
+    assert [n["notebook"] for n in manifest["notebooks"]] == ["notebooks/07_self_training.ipynb", "notebooks/08_inference.ipynb", "notebooks/09_evaluation.ipynb"]
+    assert sorted(manifest["reused"]) == profile["reuse"]["notebooks"]
+    final = json.loads((tmp_path / "ablation" / "07_self_training" / "manifest.json").read_text())["final_models"]
+    assert final["vs"] == str(tmp_path / "ablation" / "06_segmentation" / "vs")
+    ablation = (tmp_path / "ablation" / "09_evaluation" / "tables" / "ablations.md").read_text()
+    assert "smoke_no_self_training" in ablation and "'smoke'" in ablation
+    # Reuse is refused when the earlier run used other settings.
+    profile["notebooks"]["01_preprocess"] = {"centre_percentile": 80.0}
+    profile["common"]["output_dir"] = str(tmp_path / "other")
+    path.write_text(yaml.safe_dump(profile))
+    with pytest.raises(config.ProfileError, match=r"reuse of 01_preprocess .*parameters differ \(\['centre_percentile'\]\)"):
+        runs.run_profile(path, progress=False)

@@ -1,0 +1,107 @@
+"""Stage 06-08 costs: training step time and peak memory, sliding-window inference per case.
+
+For the smoke, demo and paper settings of ``params/*.yaml`` (the same DynUNet, planned by
+:func:`crossmoda_lib.segmentation.plan_network`), each measured in a fresh child process so that its
+peak resident memory (``ru_maxrss``) is its own, this prints side by side:
+
+* seconds per training iteration (forward + deep-supervised Dice+CE + backward + SGD step, batch of
+  the setting, augmentation excluded) over a few iterations after one warm-up;
+* peak resident memory of the process (MiB);
+* sliding-window inference of one case (Gaussian weighting, the setting's overlap, with and without
+  8-fold mirroring) on a volume of the stage-01 size of that profile;
+* the extrapolated time of one epoch and of a whole training.
+
+papers/004 reports 27 s and 5.4 GB per case for GPU inference of the paper's ensemble; on a GPU
+(``--device cuda`` when one is present) the paper row is measured there too.
+
+    .venv/bin/python benchmarks/bench_segmentation.py [--iterations 3] [--only smoke demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+import torch
+
+from crossmoda_lib import segmentation as seg
+
+# (setting, patch (z,y,x), base filters, batch, stage-01 volume (z,y,x), overlap, epochs x iterations)
+SETTINGS = {
+    "smoke": dict(patch_size=(16, 64, 64), base_filters=4, batch_size=2, volume=(44, 144, 176), overlap=0.25, epochs=2, iterations=3),
+    "demo": dict(patch_size=(24, 80, 80), base_filters=8, batch_size=2, volume=(44, 144, 176), overlap=0.5, epochs=8, iterations=20),
+    "paper": dict(patch_size=(64, 160, 160), base_filters=32, batch_size=2, volume=(80, 256, 256), overlap=0.5, epochs=500, iterations=250),
+}
+
+
+def measure(name: str, iterations: int, device: str, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    s = SETTINGS[name]
+    cfg = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=s["patch_size"], base_filters=s["base_filters"], batch_size=s["batch_size"], overlap=s["overlap"], mirror_tta=False)
+    from monai.losses import DiceCELoss
+
+    net = seg.build_network(cfg).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    rng = np.random.default_rng(0)
+    patch = cfg.plan.patch_size
+    x = torch.as_tensor(rng.random((cfg.batch_size, 1, *patch), dtype=np.float32), device=device)
+    y = torch.as_tensor((rng.random((cfg.batch_size, 1, *patch)) > 0.9).astype(np.float32), device=device)
+
+    def step() -> None:
+        out = net(x)
+        w = seg.deep_supervision_weights(out.shape[1]) if out.dim() == 6 else [1.0]
+        loss = sum(wi * loss_fn(out[:, i] if out.dim() == 6 else out, y) for i, wi in enumerate(w))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    step_s = (time.perf_counter() - t0) / iterations
+    net.eval()
+    volume = rng.random(s["volume"], dtype=np.float32)
+    t0 = time.perf_counter()
+    seg.predict_probabilities(net, volume, cfg)
+    infer_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seg.predict_probabilities(net, volume, seg.SegConfig(**{**cfg.as_dict(), "spacing": cfg.spacing, "patch_size": cfg.patch_size, "mirror_tta": True}))
+    infer_tta_s = time.perf_counter() - t0
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    params = sum(p.numel() for p in net.parameters())
+    queue.put(dict(setting=name, patch="x".join(map(str, patch)), params=params, step_s=step_s, peak_mib=peak_mib, gpu_mib=gpu_mib, infer_s=infer_s, infer_tta_s=infer_tta_s, epoch_s=step_s * s["iterations"], training_h=step_s * s["iterations"] * s["epochs"] / 3600))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name in args.only:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=measure, args=(name, args.iterations, args.device, queue))
+        proc.start()
+        rows.append(queue.get())
+        proc.join()
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; volumes: stage-01 size of each profile (paper 256x256x80)")
+    print(f"{'setting':8} {'patch':>11} {'params':>10} {'s/iter':>8} {'peak MiB':>9} {'GPU MiB':>8} {'infer s':>8} {'infer+TTA s':>12} {'s/epoch':>9} {'training h':>11}")
+    for r in rows:
+        print(f"{r['setting']:8} {r['patch']:>11} {r['params']:>10,} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['gpu_mib']:8.0f} {r['infer_s']:8.2f} {r['infer_tta_s']:12.2f} {r['epoch_s']:9.1f} {r['training_h']:11.2f}")
+    base = rows[0]
+    print("ratios to " + base["setting"] + ": " + ", ".join(f"{r['setting']} step x{r['step_s'] / base['step_s']:.1f}, inference x{r['infer_s'] / base['infer_s']:.1f}" for r in rows[1:]))
+    print("papers/004: 27 s and 5.4 GB per case for GPU inference of the paper's ensemble (5 folds, TTA)")
+
+
+if __name__ == "__main__":
+    main()
