@@ -232,7 +232,7 @@ def test_smoke_09_outputs_rebuild_from_csv(smoke_run, tmp_path):
     assert (stage / "figures" / "scores_by_centre.png").is_file() and (stage / "figures" / "figure4.png").is_file()
     # Tables rebuild from the saved CSV alone (no model, no image) and equal the saved ones.
     rebuilt = report.table1(pd.read_csv(stage / "scores.csv"), "this run")
-    report.save_table(rebuilt, tmp_path / "table1")
+    report.save_table(rebuilt, tmp_path / "table1", "Dice and ASSD (mm), mean ± std")
     assert (tmp_path / "table1.md").read_text() == (stage / "tables" / "table1.md").read_text()
     ranking_md = (stage / "tables" / "challenge_ranking.md").read_text()
     assert ranking_md.index("ne2e") < ranking_md.index("MAI") < ranking_md.index("LaTIM")
