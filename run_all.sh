@@ -4,6 +4,7 @@
 #   ./run_all.sh             run every notebook with params/demo.yaml (the default profile)
 #   ./run_all.sh smoke       ... with params/smoke.yaml (any params/<name>.yaml, or a path to a YAML file)
 #   ./run_all.sh test [ARGS] install, then run the test suite (pytest ARGS)
+#   ./run_all.sh --only 09_evaluation    re-run some notebooks of the demo profile (extra options go to crossmoda run)
 #
 # Creates .venv with the pinned dependencies on first use (and again when pyproject.toml changes),
 # generates the synthetic cohort when the profile's data folder is empty, executes the notebooks
@@ -40,6 +41,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
 fi
 
 target=${1:-demo}
+case "$target" in
+  -*)  # options only (e.g. --only 09_evaluation): the default profile
+    set -- demo "$@"
+    target=demo
+    ;;
+esac
 case "$target" in
   test)
     shift

@@ -308,6 +308,15 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
 
 
+def make_loss():
+    """nnU-Net's Dice + cross-entropy (1:1): batch Dice over the foreground channel only (nnU-Net's
+    ``do_bg=False``; a background Dice near 1 would otherwise halve the foreground's gradient), CE
+    over both channels."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+
+
 def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True) -> tuple[torch.nn.Module, pd.DataFrame]:
     """Train (or resume, or reuse) one binary model; ``checkpoint.pt`` and ``history.csv`` in ``out_dir``.
 
@@ -322,7 +331,6 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     Returns:
         The network (eval mode) and the per-epoch history (loss, lr, validation Dice).
     """
-    from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -332,7 +340,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     sampler = PatchSampler(cases, plan.patch_size, cfg.fg_fraction, cfg.seed + 1)
     augment = augmentation(cfg)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    loss_fn = make_loss()
     epoch, history, finished = 0, [], False
     key = {"config": cfg.as_dict(), "cases": [c.name for c in cases]}
     if ckpt_path.exists():
