@@ -250,11 +250,22 @@ def check_inputs(in_dir: Path | str, out_dir: Path | str) -> list[Path]:
     return paths
 
 
+def _checkpoint_stamps(models_dir: Path | str, payload: dict) -> dict[str, list[int]]:
+    """Size and modification time of every fold checkpoint a bundle uses (cheap staleness check)."""
+    stamps = {}
+    for key in ("vs", "cochlea"):
+        for ckpt in sorted((Path(models_dir) / payload[key]).glob("fold_*/checkpoint.pt")):
+            st = ckpt.stat()
+            stamps[str(ckpt.resolve())] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
 def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | str, *, overwrite: bool = False, progress: bool = True) -> list[dict]:
     """Segment every hrT2 of ``in_dir`` into ``out_dir/<case>_Label.nii.gz`` on its own grid.
 
     Inputs and the model bundle are checked before any model is loaded; a prediction that already
-    exists is kept unless ``overwrite`` (so an interrupted run resumes). Writes are atomic.
+    exists is kept unless ``overwrite`` (so an interrupted run resumes), or unless the models changed
+    since it was made (``models_used.json`` records them). Writes are atomic.
 
     Returns:
         One row per case: file, output, size, seconds, voxels of VS and cochlea.
@@ -264,9 +275,15 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
     from tqdm.auto import tqdm
 
     paths = check_inputs(in_dir, out_dir)
-    read_bundle_file(models_dir)
+    payload = read_bundle_file(models_dir)
     bundle = load_bundle(models_dir)
     out_dir = Path(out_dir)
+    # Predictions made by other models (retrained, another bundle) are stale: recompute them all.
+    stamp = json.dumps({"bundle": payload, "checkpoints": _checkpoint_stamps(models_dir, payload)}, sort_keys=True)
+    stamp_path = out_dir / "models_used.json"
+    if stamp_path.exists() and stamp_path.read_text() != stamp:
+        overwrite = True
+    cio.write_text_atomic(stamp_path, stamp)
     rows = []
     for path in tqdm(paths, desc="08 inference", disable=not progress):
         target = out_dir / label_name(path.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,12 @@ def test_predictions_have_the_input_geometry_and_crossmoda_values(tmp_path, coho
     # Existing predictions are kept (resume) unless overwritten.
     again = inference.predict_folder(cohort / "validation", tmp_path / "pred", bundle_dir, progress=False)
     assert {r["status"] for r in again} == {"kept"}
+    # ... but recomputed when the models changed since.
+    ckpt = tmp_path / "models" / "vs" / "fold_0" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes())
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    changed = inference.predict_folder(cohort / "validation", tmp_path / "pred", bundle_dir, progress=False)
+    assert {r["status"] for r in changed} == {"written"}
 
 
 def test_label_names_follow_the_submission_convention():
