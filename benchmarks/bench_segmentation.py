@@ -24,6 +24,7 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def measure(name: str, iterations: int, device: str, queue) -> None:
         infer_tta_s = 8 * infer_s  # 8 mirrorings = 8 passes; measuring it would take most of an hour on a CPU
     else:
         t0 = time.perf_counter()
-        seg.predict_probabilities(net, volume, seg.SegConfig(**{**cfg.as_dict(), "spacing": cfg.spacing, "patch_size": cfg.patch_size, "mirror_tta": True}))
+        seg.predict_probabilities(net, volume, replace(cfg, mirror_tta=True))
         infer_tta_s = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")

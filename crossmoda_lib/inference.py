@@ -130,14 +130,7 @@ def probability_on(prob: sitk.Image, grid: pp.Lattice | sitk.Image) -> np.ndarra
     return sitk.GetArrayFromImage(resample_image(prob, lattice, default=0.0))
 
 
-def compose_label(p_vs: np.ndarray, p_cochlea: np.ndarray, keep_largest_vs: bool = True) -> np.ndarray:
-    """crossMoDA label (0, 1 VS, 2 cochlea) from two probability maps thresholded at 0.5."""
-    vs = (p_vs > 0.5).astype(np.uint8)
-    if keep_largest_vs:
-        vs = seg.largest_component(vs)
-    label = vs.copy()
-    label[p_cochlea > 0.5] = 2
-    return label
+compose_label = seg.compose_label
 
 
 def label_image(array: np.ndarray, grid: pp.Lattice | sitk.Image) -> sitk.Image:
@@ -182,10 +175,10 @@ def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
-        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(preprocess).items()},
+        "preprocess": asdict(preprocess),
         "vs": os.path.relpath(Path(vs_dir).resolve(), out_dir.resolve()),
         "cochlea": os.path.relpath(Path(cochlea_dir).resolve(), out_dir.resolve()),
-        "cochlea_sharpen": None if cochlea_sharpen is None else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cochlea_sharpen).items()},
+        "cochlea_sharpen": None if cochlea_sharpen is None else asdict(cochlea_sharpen),
         "keep_largest_vs": keep_largest_vs,
         **(extra or {}),
     }
@@ -211,12 +204,11 @@ def read_bundle_file(models_dir: Path | str) -> dict:
     return payload
 
 
-def load_bundle(models_dir: Path | str) -> Bundle:
-    """Load the ensembles a bundle names."""
+def load_bundle(models_dir: Path | str, payload: dict | None = None) -> Bundle:
+    """Load the ensembles a bundle names (``payload``: its already checked ``inference.json``)."""
     models_dir = Path(models_dir)
-    payload = read_bundle_file(models_dir)
-    pre = payload["preprocess"]
-    preprocess = pp.PreprocessConfig(tuple(pre["spacing"]), tuple(pre["crop_size"]), float(pre["centre_percentile"]), tuple(pre["intensity_percentiles"]))
+    payload = payload or read_bundle_file(models_dir)
+    preprocess = pp.PreprocessConfig.from_dict(payload["preprocess"])
     sharp = payload.get("cochlea_sharpen")
     sharpen = None if sharp is None else Sharpening(tuple(sharp["psf_mm"]), int(sharp["iterations"]), sharp.get("psf_is", "fwhm"), float(sharp.get("beta", 1.0)))
     vs = load_structure(models_dir / payload["vs"], "vs")
@@ -276,7 +268,7 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
 
     paths = check_inputs(in_dir, out_dir)
     payload = read_bundle_file(models_dir)
-    bundle = load_bundle(models_dir)
+    bundle = load_bundle(models_dir, payload)
     out_dir = Path(out_dir)
     # Predictions made by other models (retrained, another bundle) are stale: recompute them all.
     stamp = json.dumps({"bundle": payload, "checkpoints": _checkpoint_stamps(models_dir, payload)}, sort_keys=True)

@@ -77,16 +77,22 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple[float, ..
     return to_b[sa], to_a[sb]
 
 
+def _assd_of(d_pt: np.ndarray, d_tp: np.ndarray) -> float:
+    return float((d_pt.mean() + d_tp.mean()) / 2.0)
+
+
+def _hd95_of(d_pt: np.ndarray, d_tp: np.ndarray) -> float:
+    return float(np.percentile(np.hstack((d_pt, d_tp)), 95))
+
+
 def assd(pred: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, ...], *, crop: bool = True) -> float:
     """medpy 0.4.0 ``assd``: the mean of the two directed average surface distances (mm)."""
-    d_pt, d_tp = surface_distances(pred, truth, spacing_zyx, crop=crop)
-    return float((d_pt.mean() + d_tp.mean()) / 2.0)
+    return _assd_of(*surface_distances(pred, truth, spacing_zyx, crop=crop))
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, ...], *, crop: bool = True) -> float:
     """medpy ``hd95``: 95th percentile of both directed surface distance sets pooled (mm)."""
-    d_pt, d_tp = surface_distances(pred, truth, spacing_zyx, crop=crop)
-    return float(np.percentile(np.hstack((d_pt, d_tp)), 95))
+    return _hd95_of(*surface_distances(pred, truth, spacing_zyx, crop=crop))
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,8 @@ def score_structure(pred: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[floa
         return StructureScore(float("nan"), float("nan"), float("nan"), "empty truth")
     if not pred.any():
         return StructureScore(0.0, EMPTY_PREDICTION_ASSD, EMPTY_PREDICTION_ASSD, "empty prediction")
-    d_pt, d_tp = surface_distances(pred, truth, spacing_zyx)
-    return StructureScore(dice(pred, truth), float((d_pt.mean() + d_tp.mean()) / 2.0), float(np.percentile(np.hstack((d_pt, d_tp)), 95)), "ok")
+    distances = surface_distances(pred, truth, spacing_zyx)  # once for both ASSD and HD95
+    return StructureScore(dice(pred, truth), _assd_of(*distances), _hd95_of(*distances), "ok")
 
 
 def score_case(pred: sitk.Image, truth: sitk.Image, case: str = "") -> dict:

@@ -65,6 +65,11 @@ class PreprocessConfig:
         if not 0 <= self.centre_percentile < 100:
             raise ValueError(f"centre_percentile must be in [0, 100), not {self.centre_percentile}")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        """From the settings recorded in a manifest (lists back to tuples)."""
+        return cls(tuple(d["spacing"]), tuple(d["crop_size"]), float(d["centre_percentile"]), tuple(d["intensity_percentiles"]))
+
 
 @dataclass(frozen=True)
 class Lattice:

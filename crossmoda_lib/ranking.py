@@ -116,8 +116,10 @@ def team_summary(scores: pd.DataFrame, percent: bool = True) -> pd.DataFrame:
     for team, g in scores.groupby("Team", sort=False):
         row = {"Team": team}
         for metric in METRICS:
-            v = g[metric] * (100 if percent and metric.endswith("Dice") else 1)
-            row[metric] = f"{v.median():.{1 if metric.endswith('Dice') else 2}f} [{v.quantile(0.25):.{1 if metric.endswith('Dice') else 2}f} - {v.quantile(0.75):.{1 if metric.endswith('Dice') else 2}f}]"
+            is_dice = metric.endswith("Dice")
+            v = g[metric] * (100 if percent and is_dice else 1)
+            digits = 1 if is_dice else 2
+            row[metric] = f"{v.median():.{digits}f} [{v.quantile(0.25):.{digits}f} - {v.quantile(0.75):.{digits}f}]"
         rows.append(row)
     return pd.DataFrame(rows)
 

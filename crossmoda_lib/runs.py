@@ -132,6 +132,17 @@ STAGE_FOLDERS = {"05_tumor_blending": "05_blending"}
 PATH_KEYS = ("profile", "output_dir", "data_dir")
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file (no extra space), copying it where links are impossible (another device)."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _earlier_entries(manifest_path: Path, profile: str, now: set[str]) -> list[dict]:
     """Entries of notebooks run earlier with the same profile and not re-run now (``--only`` runs
     then extend the run's manifest instead of replacing it)."""
@@ -150,7 +161,6 @@ def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict
     that run executed each notebook successfully with the same parameters (paths aside); otherwise a
     :class:`ProfileError` says which notebook differs. Files are hard-linked when possible.
     """
-    import os
     import shutil
 
     spec = profile.get("reuse")
@@ -176,14 +186,7 @@ def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict
         if not target.exists():
             tmp = out_root / f".{folder}.reusing"
             shutil.rmtree(tmp, ignore_errors=True)
-
-            def link(src, dst):
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
-
-            shutil.copytree(source / folder, tmp, copy_function=link)
+            shutil.copytree(source / folder, tmp, copy_function=_link_or_copy)
             tmp.rename(target)
         reused[stem] = str(source / folder)
     return reused

@@ -40,6 +40,7 @@ import SimpleITK as sitk
 import torch
 
 from crossmoda_lib import io as cio
+from crossmoda_lib import metrics
 
 # --------------------------------------------------------------------------------------------------
 # Planning
@@ -220,7 +221,7 @@ def load_case(image_path: Path | str, label_path: Path | str, value: int, clip_p
     image at that percentile and rescales to [0, 1] (the paper clips real hrT2 at the 95th for cochlea)."""
     image = clip_to_percentile(sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float32), clip_percentile)
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
-    match = re.match(r"crossmoda\d{4}_(ldn|etz)_\d+", Path(image_path).name)
+    match = CASE_RE.match(Path(image_path).name)
     return Case(match.group(0) if match else Path(image_path).name, image, (label == value).astype(np.uint8))
 
 
@@ -302,10 +303,10 @@ def poly_lr(epoch: int, cfg: SegConfig) -> float:
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks (1.0 when both are empty)."""
+    """Dice of two binary masks, 1.0 when both are empty (a training-time convenience; the challenge
+    rule, :func:`crossmoda_lib.metrics.dice`, scores that case 0)."""
     p, t = pred > 0, truth > 0
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
+    return 1.0 if not (p.any() or t.any()) else metrics.dice(p, t)
 
 
 def make_loss():
@@ -577,23 +578,21 @@ def load_ensemble(model_dir: Path | str) -> tuple[list[torch.nn.Module], SegConf
     return nets, cfg, manifest
 
 
-def predict_label(image: np.ndarray, vs: tuple[list, SegConfig], cochlea: tuple[list, SegConfig], *, keep_largest_vs: bool = True, cochlea_image: np.ndarray | None = None) -> np.ndarray:
-    """A crossMoDA label (0 background, 1 VS, 2 cochlea) from the two binary ensembles.
-
-    Args:
-        image: (z, y, x) volume in [0, 1].
-        vs: (networks, settings) of the VS ensemble.
-        cochlea: (networks, settings) of the cochlea ensemble.
-        keep_largest_vs: keep the largest VS component only (the paper, for every VS model).
-        cochlea_image: a different input for the cochlea models (clipped or sharpened); default ``image``.
-    """
-    vs_mask = predict_mask(vs[0], image, vs[1])
+def compose_label(p_vs: np.ndarray, p_cochlea: np.ndarray, keep_largest_vs: bool = True) -> np.ndarray:
+    """crossMoDA label (0, 1 VS, 2 cochlea) from two probability maps thresholded at 0.5; the VS keeps
+    its largest component (the paper, for every VS model); cochlea is written over VS."""
+    vs = (p_vs > 0.5).astype(np.uint8)
     if keep_largest_vs:
-        vs_mask = largest_component(vs_mask)
-    cochlea_mask = predict_mask(cochlea[0], image if cochlea_image is None else cochlea_image, cochlea[1])
-    label = vs_mask.astype(np.uint8)
-    label[cochlea_mask > 0] = 2
+        vs = largest_component(vs)
+    label = vs.copy()
+    label[p_cochlea > 0.5] = 2
     return label
+
+
+def predict_label(image: np.ndarray, vs: tuple[list, SegConfig], cochlea: tuple[list, SegConfig], *, keep_largest_vs: bool = True) -> np.ndarray:
+    """A crossMoDA label of a (z, y, x) volume in [0, 1] from the (networks, settings) of the VS and
+    cochlea ensembles (:func:`compose_label` of their probabilities)."""
+    return compose_label(predict_probabilities(vs[0], image, vs[1]), predict_probabilities(cochlea[0], image, cochlea[1]), keep_largest_vs)
 
 
 def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:

@@ -64,8 +64,7 @@ class SelfTrainingConfig:
 
 def preprocess_settings(stage01: Path | str) -> pp.PreprocessConfig:
     """The stage-01 settings recorded in its manifest."""
-    s = json.loads((Path(stage01) / "manifest.json").read_text())["settings"]
-    return pp.PreprocessConfig(tuple(s["spacing"]), tuple(s["crop_size"]), float(s["centre_percentile"]), tuple(s["intensity_percentiles"]))
+    return pp.PreprocessConfig.from_dict(json.loads((Path(stage01) / "manifest.json").read_text())["settings"])
 
 
 def round_dir(root: Path | str, k: int) -> Path:
@@ -105,12 +104,14 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
         grid, lo, hi = inf.model_grid(original, pre, spacing_xyz)
         if not same_grid and not image_path.exists():
             cio.write_image(inf.model_input(original, grid, lo, hi), image_path)
-        if not label_path.exists():
+        if label_path.exists():
+            label = sitk.ReadImage(str(label_path))
+        else:
             if ensembles is None:
                 ensembles = {s: inf.load_structure(d, s) for s, d in teacher.items()}
             (label,) = inf.segment(original, ensembles["vs"], ensembles["cochlea"], pre, [grid], keep_largest_vs=keep_largest_vs)
             cio.write_image(label, label_path)
-        pseudo = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+        pseudo = sitk.GetArrayFromImage(label)
         row = {"case": case, "centre": cio.centre_of(case), "vs_mm3": float((pseudo == 1).sum() * np.prod(grid.spacing)), "cochlea_mm3": float((pseudo == 2).sum() * np.prod(grid.spacing))}
         truth_file = truth_path(data_dir, case)
         if truth_file.exists():
@@ -126,10 +127,10 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     """Run (or resume, or reuse) round ``k``; returns its manifest."""
     out = round_dir(root, k)
     manifest_path = out / "manifest.json"
-    settings_record = {**asdict(cfg), "final_spacing": list(cfg.final_spacing)}
+    settings_record = json.loads(json.dumps(asdict(cfg)))  # as stored: tuples become lists
     if manifest_path.exists():
         done = json.loads(manifest_path.read_text())
-        if json.loads(json.dumps(done["settings"])) != json.loads(json.dumps(settings_record)):
+        if done["settings"] != settings_record:
             raise ValueError(f"{out}: this round was made with other self-training settings; delete {out.parent} (or use another output_dir) to redo it")
         return done
     t0 = time.perf_counter()
@@ -177,7 +178,7 @@ def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | st
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case", "centre", "vs_mm3", "cochlea_mm3", "round"])
     cio.write_text_atomic(root / "dice_by_round.csv", table.to_csv(index=False))
     final = round_dir(root, cfg.rounds) if cfg.rounds else Path(stage06)
-    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "final_models": {s: str(final / s) for s in seg.STRUCTURES}, "settings": {**asdict(cfg)}, "round_wall_s": [m["wall_s"] for m in manifests]})
+    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "final_models": {s: str(final / s) for s in seg.STRUCTURES}, "settings": asdict(cfg), "round_wall_s": [m["wall_s"] for m in manifests]})
     return table
 
 
