@@ -113,8 +113,10 @@ class SegConfig:
         batch_size: patches per iteration (nnU-Net 2).
         epochs: epochs (paper 500).
         iterations_per_epoch: nnU-Net 250.
-        lr: initial learning rate (1e-2).
-        momentum: SGD Nesterov momentum (0.99).
+        optimizer: ``"sgd"`` (nnU-Net: SGD with Nesterov momentum) or ``"adam"`` (nnU-Net's
+            ``nnUNetTrainerAdam`` variant; converges in far fewer iterations, for CPU budgets).
+        lr: initial learning rate (SGD 1e-2; Adam 3e-4 in nnU-Net's variant).
+        momentum: SGD Nesterov momentum (0.99; unused by Adam).
         weight_decay: 3e-5.
         fg_fraction: fraction of each batch centred on foreground (nnU-Net 0.33).
         elastic: elastic deformation in the augmentation (nnU-Net: off for 3d_fullres).
@@ -134,6 +136,7 @@ class SegConfig:
     batch_size: int = 2
     epochs: int = 500
     iterations_per_epoch: int = 250
+    optimizer: str = "sgd"
     lr: float = 1e-2
     momentum: float = 0.99
     weight_decay: float = 3e-5
@@ -309,6 +312,15 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if not (p.any() or t.any()) else metrics.dice(p, t)
 
 
+def make_optimizer(net: torch.nn.Module, cfg: SegConfig) -> torch.optim.Optimizer:
+    """nnU-Net's SGD (Nesterov momentum 0.99) or, with ``optimizer: adam``, its Adam variant."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer {cfg.optimizer!r}: use 'sgd' or 'adam'")
+
+
 def make_loss():
     """nnU-Net's Dice + cross-entropy (1:1): batch Dice over the foreground channel only (nnU-Net's
     ``do_bg=False``; a background Dice near 1 would otherwise halve the foreground's gradient), CE
@@ -338,7 +350,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     ckpt_path = out_dir / "checkpoint.pt"
     plan = cfg.plan
     net = build_network(cfg)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(net, cfg)
     sampler = PatchSampler(cases, plan.patch_size, cfg.fg_fraction, cfg.seed + 1)
     augment = augmentation(cfg)
     loss_fn = make_loss()

@@ -104,3 +104,13 @@ def test_sliding_window_prediction_shape_and_values(tmp_path):
     assert prob.shape == image.shape and 0 <= prob.min() and prob.max() <= 1
     assert set(np.unique(seg.predict_mask(net, cases[0].image, cfg))) <= {0, 1}
     assert seg.kfold(["a", "b", "c", "d", "e"], 5, 0)[0][1] and len(seg.kfold(["a"], 1, 0)[0][1]) == 0
+
+
+def test_optimizer_choice():
+    net = torch.nn.Linear(2, 2)
+    sgd = seg.make_optimizer(net, TOY)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.99
+    adam = seg.make_optimizer(net, seg.SegConfig(**{**TOY.__dict__, "optimizer": "adam", "lr": 1e-3}))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 1e-3 and adam.defaults["weight_decay"] == 3e-5
+    with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+        seg.make_optimizer(net, seg.SegConfig(**{**TOY.__dict__, "optimizer": "rmsprop"}))
