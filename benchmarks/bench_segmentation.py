@@ -44,7 +44,7 @@ def measure(name: str, iterations: int, device: str, queue) -> None:
     s = SETTINGS[name]
     cfg = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=s["patch_size"], base_filters=s["base_filters"], batch_size=s["batch_size"], overlap=s["overlap"], mirror_tta=False)
     net = seg.build_network(cfg).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = seg.make_optimizer(net, cfg)
     loss_fn = seg.make_loss()
     rng = np.random.default_rng(0)
     patch = cfg.plan.patch_size

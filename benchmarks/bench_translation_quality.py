@@ -6,8 +6,9 @@ oracle finds the tumour only where the translation made it look like an hrT2 tum
 the source labels measures the translation in the one way that matters downstream. The oracle is
 also scored on the held-out real hrT2 (validation split) as the ceiling of the score.
 
-Side by side in one run, for every stage-03 folder given (default: the run's ``pseudo_hrT2`` and
-``pseudo_hrT2_vc``) and the ceT1 volumes themselves (no translation: the floor), per case and mean.
+Side by side in one run, per case and mean: the run's ``pseudo_hrT2`` and ``pseudo_hrT2_vc`` and the
+ceT1 volumes themselves (no translation: the floor), paired with their labels as stage 06 pairs them
+(:func:`crossmoda_lib.segmentation.training_pairs`).
 
     .venv/bin/python benchmarks/bench_translation_quality.py [--run outputs/demo] [--iterations 250]
 
@@ -21,10 +22,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-import torch
 
 from crossmoda_lib import config
 from crossmoda_lib import segmentation as seg
@@ -47,9 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="outputs/demo", help="a finished run folder (stages 01 and 03)")
     parser.add_argument("--iterations", type=int, default=250, help="oracle training iterations (multiple of 25)")
-    parser.add_argument("--folders", nargs="*", default=None, help="stage-03 style folders of *_pseudoT2.nii.gz + *_Label.nii.gz")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run = config.resolve_path(args.run)
     stage01, stage03 = config.stage_dir(run, "01_preprocess"), config.stage_dir(run, "03_translate")
     spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
@@ -60,11 +57,9 @@ def main() -> None:
     rows = []
     validation = oracle_cases(stage01, "validation")
     rows += [{"input": "real hrT2 (validation, ceiling)", "case": c.name, "dice": d} for c, d in zip(validation, score(net, cfg, validation))]
-    folders = [Path(f) for f in args.folders] if args.folders else [stage03 / "pseudo_hrT2", stage03 / "pseudo_hrT2_vc"]
-    inputs = [(f.name, sorted(f.glob("*_pseudoT2.nii.gz")), "_pseudoT2") for f in folders]
-    inputs.append(("ceT1 (no translation, floor)", sorted((stage01 / "source").glob("*_ceT1.nii.gz")), "_ceT1"))
-    for label, paths, suffix in inputs:
-        cases = [seg.load_case(p, p.parent / p.name.replace(suffix, "_Label"), seg.STRUCTURES["vs"]) for p in paths]
+    for name, label in (("pseudo_hrT2", "pseudo_hrT2"), ("pseudo_hrT2_vc", "pseudo_hrT2_vc"), ("ceT1", "ceT1 (no translation, floor)")):
+        pairs = seg.training_pairs(stage03, None, "vs", [name], stage01=stage01)
+        cases = [seg.load_case(p.image, p.label, seg.STRUCTURES["vs"]) for p in pairs]
         rows += [{"input": label, "case": c.name, "dice": d} for c, d in zip(cases, score(net, cfg, cases))]
     table = pd.DataFrame(rows)
     print(table.pivot_table(index="case", columns="input", values="dice").round(3).to_string())
