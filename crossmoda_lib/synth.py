@@ -35,18 +35,23 @@ import SimpleITK as sitk
 
 from crossmoda_lib import io as cio
 
-GENERATOR_VERSION = "1.0"
+#: Bumped whenever the same seed would give different images (an older cohort is refused, not mixed in).
+#: 1.1: cortical bone is signal void on ceT1 (0.10 -> 0.03), as on every conventional sequence.
+GENERATOR_VERSION = "1.1"
 
 # Thresholds of the paper (papers/000 section 2): small VS < 288 mm3, large VS > 2340 mm3.
 SMALL_VS_MM3 = 288.0
 LARGE_VS_MM3 = 2340.0
 
 #: Relative tissue intensities (hrT2, ceT1) before the centre's scale. CSF and labyrinth fluid are
-#: bright on hrT2 and dark on ceT1; the VS enhances on ceT1; the cochlea is faint on ceT1.
+#: bright on hrT2 and dark on ceT1; the VS enhances on ceT1; the cochlea is faint on ceT1. Cortical bone
+#: has no signal on either (T2* well under a millisecond), so on ceT1 it is darker than CSF: version
+#: 1.0 gave both 0.10, which left a CycleGAN nothing but shape to tell bone (dark on hrT2) from CSF
+#: (bright on hrT2) and made it paint the temporal bone bright.
 TISSUES: dict[str, tuple[float, float]] = {
     "air": (0.0, 0.0),
     "fat": (0.55, 0.95),
-    "bone": (0.04, 0.10),
+    "bone": (0.04, 0.03),
     "parenchyma": (0.32, 0.48),
     "csf": (1.00, 0.10),
     "vessel": (0.06, 0.85),
@@ -701,9 +706,21 @@ def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: s
 
     Returns:
         ``(data_dir, generated)``.
+
+    Raises:
+        DataError: the folder holds a cohort of another generator version (its images would differ
+            from what this code makes from the same seed).
     """
     data_dir = Path(data_dir)
     if data_dir.exists() and any(data_dir.iterdir()):
+        manifest = data_dir / "manifest.json"
+        if manifest.exists():
+            made = json.loads(manifest.read_text())
+            if made.get("generator") == "crossmoda_lib.synth" and made.get("generator_version") != GENERATOR_VERSION:
+                raise cio.DataError(
+                    f"{data_dir}: synthetic cohort of generator version {made.get('generator_version')}, this code makes "
+                    f"{GENERATOR_VERSION}; delete the folder and the run's stage folders made from it to regenerate"
+                )
         return data_dir, False
     generate_cohort(data_dir, seed=seed, cases_per_centre=cases_per_centre, fov=fov, overwrite=True)
     return data_dir, True

@@ -124,6 +124,53 @@ def test_contrasts_carry_the_domain_gap(cohort):
             assert vs > 1.5 * median and vs > 2 * cochlea, case["case"]
 
 
+def _owner_map(subject, grid):
+    """Index of the layer that paints each voxel centre last (-1: none), array order (z, y, x)."""
+    owner = np.full(grid.size[::-1], -1, dtype=int)
+    full = tuple(slice(0, n) for n in grid.size[::-1])
+    q = synth._head_coordinates(grid, subject, full)
+    for i, layer in enumerate(subject.layers):
+        owner[layer.shape.field(q) <= 0] = i
+    return owner
+
+
+@pytest.mark.parametrize("centre", ["ldn", "etz"])
+def test_bone_is_dark_on_both_and_darker_than_csf_on_ceT1(centre):
+    """Cortical bone has no signal on either sequence; CSF is bright on hrT2 and dim (not void) on
+    ceT1. Measured on rendered images, voxels owned by the petrous bones against the cistern's CSF."""
+    rng = np.random.default_rng([5, 0])
+    subject = synth.make_subject(rng, 3)
+    names = [layer.name for layer in subject.layers]
+    means = {}
+    for modality in ("hrT2", "ceT1"):
+        spec = synth.CENTRE_SPECS[(centre, modality)]
+        pose_centre = subject.pose_rot @ np.array(synth.ROI_CENTRE) + subject.pose_shift
+        grid = synth.make_grid(spec, np.random.default_rng(1), "roi", pose_centre)
+        image, _ = synth.render(subject, grid, modality, spec, np.random.default_rng(2))
+        owner = _owner_map(subject, grid)
+        inner = lambda name: ndimage.binary_erosion(owner == names.index(name), iterations=2)  # noqa: E731 - away from partial volume
+        bone = inner("petrous_left") | inner("petrous_right")
+        csf = inner("cistern")
+        assert bone.sum() > 500 and csf.sum() > 500
+        means[modality] = (image[bone].mean() / spec.scale, image[csf].mean() / spec.scale)
+    bone_t2, csf_t2 = means["hrT2"]
+    bone_t1, csf_t1 = means["ceT1"]
+    assert csf_t2 > 8 * bone_t2
+    assert csf_t1 > 1.8 * bone_t1, f"ceT1 bone {bone_t1:.3f} vs CSF {csf_t1:.3f}: bone must be the darker"
+    assert bone_t1 < 0.08 and bone_t2 < 0.08
+
+
+def test_a_cohort_of_another_generator_version_is_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"generator": "crossmoda_lib.synth", "generator_version": "0.9"}))
+    with pytest.raises(cio.DataError, match=r"data: synthetic cohort of generator version 0\.9"):
+        synth.ensure_cohort(data, 0, 3, "roi")
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json"]
+    (data / "manifest.json").write_text(json.dumps({"generator": "crossmoda_lib.synth", "generator_version": synth.GENERATOR_VERSION}))
+    assert synth.ensure_cohort(data, 0, 3, "roi") == (data, False)
+
+
 def test_tilburg_files_use_scaled_integer_storage(cohort):
     for path in sorted(cohort.glob("*/crossmoda2022_etz_*_ceT1.nii.gz")) + sorted(cohort.glob("*/crossmoda2022_etz_*_hrT2.nii.gz")):
         raw = gzip.decompress(path.read_bytes())
