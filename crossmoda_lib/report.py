@@ -22,9 +22,10 @@ VS_GROUPS = {"small (<288 mm3)": (0.0, 288.0), "medium": (288.0, 2340.0), "large
 
 
 def save_table(table: pd.DataFrame, path_stem: Path | str, caption: str = "") -> list[Path]:
-    """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.tex`` atomically."""
+    """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.tex`` atomically (in Markdown, each level of a
+    row MultiIndex becomes its own column instead of a tuple)."""
     stem = Path(path_stem)
-    md = table.to_markdown()
+    md = table.reset_index().to_markdown(index=False) if isinstance(table.index, pd.MultiIndex) else table.to_markdown()
     tex = table.to_latex(caption=caption or None, escape=True)
     return [
         cio.write_text_atomic(stem.with_suffix(".md"), (f"{caption}\n\n" if caption else "") + md + "\n"),

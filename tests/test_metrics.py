@@ -160,3 +160,22 @@ def test_table_layouts():
     per_centre = metrics.formatted_table(scores, ["Centre"], style="median_iqr")
     ldn = scores[scores.Centre == "London"].VS_Dice
     assert per_centre.loc["London", "VS_Dice"] == f"{ldn.median():.4f} [{ldn.quantile(0.25):.4f} - {ldn.quantile(0.75):.4f}]"
+
+
+def test_ablation_table_means_per_run_and_centre_and_markdown_columns(tmp_path):
+    from crossmoda_lib import report
+
+    cases = ["crossmoda2021_ldn_1", "crossmoda2021_ldn_2", "crossmoda2022_etz_1"]
+    a = pd.DataFrame({"Case": cases, "VS_Dice": [0.9, 0.5, 0.2], "VS_ASSD": [1.0, 3.0, 350.0], "Cochlea_Dice": [0.7, 0.6, 0.0], "Cochlea_ASSD": [0.5, 0.7, 350.0]})
+    a["Centre"] = a.Case.map(cio.centre_of)
+    table = report.ablation_table({"demo": a, "copy": a.assign(VS_Dice=0.0)})
+    assert table.loc[("demo", "all"), "VS_Dice"] == pytest.approx(1.6 / 3, abs=1e-4)
+    assert table.loc[("demo", "London"), "VS_Dice"] == pytest.approx(0.7)
+    assert table.loc[("demo", "Tilburg"), "VS_ASSD"] == pytest.approx(350.0)
+    assert table.loc[("copy", "London"), "VS_Dice"] == 0.0 and table.loc[("copy", "London"), "n"] == 2
+    report.save_table(table, tmp_path / "ablations", "caption")
+    md = (tmp_path / "ablations.md").read_text().splitlines()
+    assert md[2].replace(" ", "").startswith("|run|centre|n|VS_Dice|")
+    assert "('demo'" not in "\n".join(md) and any(line.replace(" ", "").startswith("|demo|London|2|0.7|") for line in md)
+    back = pd.read_csv(tmp_path / "ablations.csv", index_col=[0, 1])
+    assert back.loc[("demo", "London"), "VS_Dice"] == pytest.approx(0.7)
