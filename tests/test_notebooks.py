@@ -263,8 +263,8 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
     final = json.loads((tmp_path / "ablation" / "07_self_training" / "manifest.json").read_text())["final_models"]
     assert final["vs"] == str(tmp_path / "ablation" / "06_segmentation" / "vs")
     ablation = (tmp_path / "ablation" / "09_evaluation" / "tables" / "ablations.md").read_text()
-    runs = {line.split("|")[1].strip() for line in ablation.splitlines() if line.startswith("| ")}
-    assert {"smoke", "smoke_no_self_training"} <= runs
+    run_names = {line.split("|")[1].strip() for line in ablation.splitlines() if line.startswith("| ")}
+    assert {"smoke", "smoke_no_self_training"} <= run_names
     # Reuse is refused when the earlier run used other settings.
     profile["notebooks"]["01_preprocess"] = {"centre_percentile": 80.0}
     profile["common"]["output_dir"] = str(tmp_path / "other")
