@@ -38,6 +38,8 @@ from crossmoda_lib import io as cio
 #: Bumped whenever the same seed would give different images (an older cohort is refused, not mixed in).
 #: 1.1: cortical bone is signal void on ceT1 (0.10 -> 0.03), as on every conventional sequence.
 GENERATOR_VERSION = "1.1"
+#: The ``generator`` field of a cohort's ``manifest.json``.
+GENERATOR = "crossmoda_lib.synth"
 
 # Thresholds of the paper (papers/000 section 2): small VS < 288 mm3, large VS > 2340 mm3.
 SMALL_VS_MM3 = 288.0
@@ -683,7 +685,7 @@ def generate_cohort(
         infos = ["crossmoda_name,koos"] + [f"{c['case']},{c['koos']}" for c in cases if c["split"] == "training_source"]
         cio.write_text_atomic(tmp / "infos_source_training.csv", "\n".join(infos) + "\n")
         manifest = {
-            "generator": "crossmoda_lib.synth",
+            "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "cases_per_centre": cases_per_centre,
@@ -716,7 +718,7 @@ def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: s
         manifest = data_dir / "manifest.json"
         if manifest.exists():
             made = json.loads(manifest.read_text())
-            if made.get("generator") == "crossmoda_lib.synth" and made.get("generator_version") != GENERATOR_VERSION:
+            if made.get("generator") == GENERATOR and made.get("generator_version") != GENERATOR_VERSION:
                 raise cio.DataError(
                     f"{data_dir}: synthetic cohort of generator version {made.get('generator_version')}, this code makes "
                     f"{GENERATOR_VERSION}; delete the folder and the run's stage folders made from it to regenerate"
