@@ -72,12 +72,13 @@ def main() -> None:
     spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
     cfg = seg.SegConfig(spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=args.iterations // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
     for structure in args.structures:
+        training = oracle_cases(stage01, "target", structure)
         t = time.perf_counter()
-        net, _ = seg.train(oracle_cases(stage01, "target", structure), [], cfg, run / "benchmarks" / f"oracle_{structure}", progress=False)
+        net, _ = seg.train(training, [], cfg, run / "benchmarks" / f"oracle_{structure}", progress=False)
         print(f"\n{structure} oracle: {args.iterations} iterations on real hrT2 + truth, {time.perf_counter() - t:.0f} s (0 when reused)")
         validation = oracle_cases(stage01, "validation", structure)
         rows = [{"input": "real hrT2 (validation, ceiling)", "case": c.name, "dice": d} for c, d in zip(validation, score(net, cfg, validation, structure))]
-        contrasts = [{"input": "real hrT2 (training_target)", "contrast": contrast(c)} for c in oracle_cases(stage01, "target", structure)]
+        contrasts = [{"input": "real hrT2 (training_target)", "contrast": contrast(c)} for c in training]
         for name, label in (("pseudo_hrT2", "pseudo_hrT2"), ("pseudo_hrT2_vc", "pseudo_hrT2_vc"), ("ceT1", "ceT1 (no translation, floor)")):
             pairs = seg.training_pairs(stage03, None, structure, [name], stage01=stage01)
             cases = [seg.load_case(p.image, p.label, seg.STRUCTURES[structure]) for p in pairs]
