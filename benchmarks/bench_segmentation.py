@@ -10,12 +10,15 @@ peak resident memory (``ru_maxrss``) is its own, this prints side by side:
 * sliding-window inference of one case (Gaussian weighting, the setting's overlap, with and without
   8-fold mirroring; for the paper setting on a CPU the mirrored time is 8x the plain one, not
   measured) on a volume of the stage-01 size of that profile;
-* the extrapolated time of one epoch and of a whole training.
+* the extrapolated time of one epoch and of a whole training;
+* with ``--layouts channels_last contiguous``, each setting in both memory layouts side by side
+  (the library builds channels-last 3D networks: ``segmentation.CHANNELS_LAST``), with the ratio.
 
 papers/004 reports 27 s and 5.4 GB per case for GPU inference of the paper's ensemble; on a GPU
 (``--device cuda`` when one is present) the paper row is measured there too.
 
     .venv/bin/python benchmarks/bench_segmentation.py [--iterations 3] [--only smoke demo]
+        [--layouts channels_last contiguous]
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ SETTINGS = {
 }
 
 
-def measure(name: str, iterations: int, device: str, queue) -> None:
+LAYOUTS = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
+
+
+def measure(name: str, layout: str, iterations: int, device: str, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
+    seg.CHANNELS_LAST = LAYOUTS[layout]  # this child process only: network, training inputs, inference windows
     s = SETTINGS[name]
     cfg = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=s["patch_size"], base_filters=s["base_filters"], batch_size=s["batch_size"], overlap=s["overlap"], mirror_tta=False)
     net = seg.build_network(cfg).to(device)
@@ -48,7 +55,7 @@ def measure(name: str, iterations: int, device: str, queue) -> None:
     loss_fn = seg.make_loss()
     rng = np.random.default_rng(0)
     patch = cfg.plan.patch_size
-    x = torch.as_tensor(rng.random((cfg.batch_size, 1, *patch), dtype=np.float32), device=device)
+    x = torch.as_tensor(rng.random((cfg.batch_size, 1, *patch), dtype=np.float32), device=device).contiguous(memory_format=seg.CHANNELS_LAST)
     y = torch.as_tensor((rng.random((cfg.batch_size, 1, *patch)) > 0.9).astype(np.float32), device=device)
 
     def step() -> None:
@@ -80,7 +87,7 @@ def measure(name: str, iterations: int, device: str, queue) -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     params = sum(p.numel() for p in net.parameters())
-    queue.put(dict(setting=name, patch="x".join(map(str, patch)), params=params, step_s=step_s, peak_mib=peak_mib, gpu_mib=gpu_mib, infer_s=infer_s, infer_tta_s=infer_tta_s, epoch_s=step_s * s["iterations"], training_h=step_s * s["iterations"] * s["epochs"] / 3600))
+    queue.put(dict(setting=name, layout=layout, patch="x".join(map(str, patch)), params=params, step_s=step_s, peak_mib=peak_mib, gpu_mib=gpu_mib, infer_s=infer_s, infer_tta_s=infer_tta_s, epoch_s=step_s * s["iterations"], training_h=step_s * s["iterations"] * s["epochs"] / 3600))
 
 
 def main() -> None:
@@ -88,21 +95,28 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["channels_last"], help="memory layouts to measure (the first is the library's)")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     rows = []
     for name in args.only:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(name, args.iterations, args.device, queue))
-        proc.start()
-        rows.append(queue.get())
-        proc.join()
+        for layout in args.layouts:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure, args=(name, layout, args.iterations, args.device, queue))
+            proc.start()
+            rows.append(queue.get())
+            proc.join()
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; volumes: stage-01 size of each profile (paper 256x256x80)")
-    print(f"{'setting':8} {'patch':>11} {'params':>10} {'s/iter':>8} {'peak MiB':>9} {'GPU MiB':>8} {'infer s':>8} {'infer+TTA s':>12} {'s/epoch':>9} {'training h':>11}")
+    print(f"{'setting':8} {'layout':>13} {'patch':>11} {'params':>10} {'s/iter':>8} {'peak MiB':>9} {'GPU MiB':>8} {'infer s':>8} {'infer+TTA s':>12} {'s/epoch':>9} {'training h':>11}")
     for r in rows:
-        print(f"{r['setting']:8} {r['patch']:>11} {r['params']:>10,} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['gpu_mib']:8.0f} {r['infer_s']:8.2f} {r['infer_tta_s']:12.2f} {r['epoch_s']:9.1f} {r['training_h']:11.2f}")
-    base = rows[0]
-    print("ratios to " + base["setting"] + ": " + ", ".join(f"{r['setting']} step x{r['step_s'] / base['step_s']:.1f}, inference x{r['infer_s'] / base['infer_s']:.1f}" for r in rows[1:]))
+        print(f"{r['setting']:8} {r['layout']:>13} {r['patch']:>11} {r['params']:>10,} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['gpu_mib']:8.0f} {r['infer_s']:8.2f} {r['infer_tta_s']:12.2f} {r['epoch_s']:9.1f} {r['training_h']:11.2f}")
+    first = [r for r in rows if r["layout"] == args.layouts[0]]
+    base = first[0]
+    print("ratios to " + base["setting"] + ": " + ", ".join(f"{r['setting']} step x{r['step_s'] / base['step_s']:.1f}, inference x{r['infer_s'] / base['infer_s']:.1f}" for r in first[1:]))
+    for r in rows:
+        if r["layout"] != args.layouts[0]:
+            ref = next(f for f in first if f["setting"] == r["setting"])
+            print(f"{r['setting']}: {r['layout']} / {ref['layout']}: step x{r['step_s'] / ref['step_s']:.2f}, inference x{r['infer_s'] / ref['infer_s']:.2f}")
     print("papers/004: 27 s and 5.4 GB per case for GPU inference of the paper's ensemble (5 folds, TTA)")
 
 

@@ -164,6 +164,10 @@ class SegConfig:
         return cls(**d)
 
 
+#: Memory layout of the networks' weights and inputs.
+CHANNELS_LAST = torch.channels_last_3d
+
+
 def build_network(cfg: SegConfig) -> torch.nn.Module:
     """DynUNet from the plan: instance norm, leaky ReLU, deep supervision on all but the two coarsest levels."""
     from monai.networks.nets import DynUNet
@@ -172,7 +176,7 @@ def build_network(cfg: SegConfig) -> torch.nn.Module:
     levels = len(plan.strides)
     filters = [min(cfg.base_filters * 2**i, cfg.max_filters) for i in range(levels)]
     torch.manual_seed(cfg.seed)
-    return DynUNet(
+    net = DynUNet(
         spatial_dims=3,
         in_channels=1,
         out_channels=2,
@@ -185,6 +189,10 @@ def build_network(cfg: SegConfig) -> torch.nn.Module:
         deep_supervision=levels > 2,
         deep_supr_num=max(1, levels - 2),
     )
+    # Channels-last 3D tensors (weights here, inputs in train() and predict_probabilities()): oneDNN's
+    # 3D convolutions are faster in that layout on a CPU; benchmarks/bench_segmentation.py measures it
+    # (--layout). The same arithmetic up to float rounding.
+    return net.to(memory_format=CHANNELS_LAST)
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -390,7 +398,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
                 pairs = [augment({"image": im, "label": tg}) for im, tg in zip(images, targets)]
                 images = np.stack([np.asarray(p["image"]) for p in pairs])
                 targets = np.stack([np.asarray(p["label"]) for p in pairs])
-            x = torch.as_tensor(images, dtype=torch.float32)
+            x = torch.as_tensor(images, dtype=torch.float32).contiguous(memory_format=CHANNELS_LAST)
             y = torch.as_tensor(np.round(targets), dtype=torch.float32)
             out = net(x)
             if out.dim() == 6:  # deep supervision: (B, heads, C, z, y, x)
@@ -448,7 +456,7 @@ def predict_probabilities(nets: list[torch.nn.Module] | torch.nn.Module, image: 
         net.eval()
         for axes in flips:
             xi = x.flip(axes) if axes else x
-            logits = sliding_window_inference(xi, cfg.plan.patch_size, 4, net, overlap=cfg.overlap, mode="gaussian", padding_mode="constant")
+            logits = sliding_window_inference(xi, cfg.plan.patch_size, 4, lambda w: net(w.contiguous(memory_format=CHANNELS_LAST)), overlap=cfg.overlap, mode="gaussian", padding_mode="constant")
             prob = torch.softmax(logits, dim=1)[:, 1:2]
             total += prob.flip(axes) if axes else prob
     return (total / (len(nets) * len(flips)))[0, 0].numpy()
