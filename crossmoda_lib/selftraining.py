@@ -123,8 +123,9 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
     return pairs, pd.DataFrame(rows)
 
 
-def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, progress: bool = True) -> dict:
-    """Run (or resume, or reuse) round ``k``; returns its manifest."""
+def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True) -> dict:
+    """Run (or resume, or reuse) round ``k``; returns its manifest. ``workers``: processes that train
+    the round's models side by side (:func:`crossmoda_lib.segmentation.train_structures`)."""
     out = round_dir(root, k)
     manifest_path = out / "manifest.json"
     settings_record = json.loads(json.dumps(asdict(cfg)))  # as stored: tuples become lists
@@ -140,7 +141,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     teacher = teacher_dirs(stage06, root, k)
     real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, progress=progress)
     cio.write_text_atomic(out / "pseudo_label_dice.csv", dice.assign(round=k).to_csv(index=False))
-    summaries = []
+    jobs = []
     for structure in seg.STRUCTURES:
         base = json.loads((Path(stage06) / structure / "manifest.json").read_text())
         settings = seg.SegConfig.from_dict(base["settings"])
@@ -149,8 +150,9 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
             settings = replace(settings, patch_size=tuple(cfg.final_patch_size))
         pairs = real_pairs if final else seg.manifest_pairs(base, real=False) + real_pairs
         clip = cfg.cochlea_clip_percentile if structure == "cochlea" else None
-        table = seg.train_structure(pairs, structure, settings, cfg.folds, out / structure, clip_percentile=clip, progress=progress)
-        summaries.append(table.assign(training_volumes=len(pairs), real_volumes=len(real_pairs)))
+        jobs.append(seg.StructureJob(pairs, structure, settings, cfg.folds, out / structure, clip))
+    tables = seg.train_structures(jobs, workers=workers, progress=progress)
+    summaries = [table.assign(training_volumes=len(job.pairs), real_volumes=len(real_pairs)) for job, table in zip(jobs, tables)]
     manifest = {
         "stage": "07_self_training",
         "round": k,
@@ -166,14 +168,14 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     return manifest
 
 
-def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, progress: bool = True) -> pd.DataFrame:
+def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True) -> pd.DataFrame:
     """All rounds; writes ``dice_by_round.csv`` (every round's pseudo-label Dice) and ``manifest.json``.
 
     Returns:
         The per-case pseudo-label table of every round.
     """
     root = Path(root)
-    manifests = [run_round(k, cfg, data_dir, stage01, stage06, root, progress=progress) for k in range(1, cfg.rounds + 1)]
+    manifests = [run_round(k, cfg, data_dir, stage01, stage06, root, workers=workers, progress=progress) for k in range(1, cfg.rounds + 1)]
     tables = [pd.read_csv(round_dir(root, k) / "pseudo_label_dice.csv") for k in range(1, cfg.rounds + 1)]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case", "centre", "vs_mm3", "cochlea_mm3", "round"])
     cio.write_text_atomic(root / "dice_by_round.csv", table.to_csv(index=False))

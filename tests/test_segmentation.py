@@ -114,3 +114,58 @@ def test_optimizer_choice():
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 1e-3 and adam.defaults["weight_decay"] == 3e-5
     with pytest.raises(ValueError, match="'sgd' or 'adam'"):
         seg.make_optimizer(net, seg.SegConfig(**{**TOY.__dict__, "optimizer": "rmsprop"}))
+
+
+def _toy_pairs(folder) -> list[seg.Pair]:
+    """The toy cases as NIfTI files (label 1 = VS, 2 = cochlea: the same blob, so both structures train)."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for k, case in enumerate(_toy_cases()):
+        name = f"crossmoda2022_etz_{k + 1:03d}"
+        image, label = folder / f"{name}_T2.nii.gz", folder / f"{name}_Label.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(case.image), str(image))
+        sitk.WriteImage(sitk.GetImageFromArray((case.target * (1 if k == 0 else 2)).astype(np.uint8)), str(label))
+        pairs.append(seg.Pair(name, image, label))
+    return pairs
+
+
+def _weights(folder) -> dict:
+    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)["net"]
+
+
+def test_models_trained_side_by_side_equal_models_trained_in_turn(tmp_path):
+    pairs = _toy_pairs(tmp_path / "data")
+    cfg = seg.SegConfig(**{**TOY.__dict__, "epochs": 2, "val_every": 0})
+    jobs = lambda root: [seg.StructureJob(pairs, s, cfg, 1, root / s) for s in ("vs", "cochlea")]  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two processes below gets on a 2-thread machine
+    try:
+        in_turn = seg.train_structures(jobs(tmp_path / "in_turn"), workers=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    if threads // 2 != 1:
+        pytest.skip(f"{threads} threads: the two worker processes would not run with one thread each")
+    side_by_side = seg.train_structures(jobs(tmp_path / "side_by_side"), workers=2, progress=False)
+    for structure, a, b in zip(("vs", "cochlea"), in_turn, side_by_side):
+        assert a.equals(b), structure
+        wa, wb = _weights(tmp_path / "in_turn" / structure / "fold_0"), _weights(tmp_path / "side_by_side" / structure / "fold_0")
+        assert all(torch.equal(wa[key], wb[key]) for key in wa), structure
+    # The two structures learned different targets: their models differ.
+    wv, wc = _weights(tmp_path / "in_turn" / "vs" / "fold_0"), _weights(tmp_path / "in_turn" / "cochlea" / "fold_0")
+    assert not all(torch.equal(wv[key], wc[key]) for key in wv)
+    manifest = (tmp_path / "side_by_side" / "cochlea" / "manifest.json").read_text()
+    assert '"structure": "cochlea"' in manifest and "crossmoda2022_etz_002" in manifest
+
+
+def test_a_failing_worker_names_its_model_and_stops_the_run(tmp_path):
+    pairs = _toy_pairs(tmp_path / "data")
+    cfg = seg.SegConfig(**{**TOY.__dict__, "epochs": 2, "val_every": 0})
+    other = seg.SegConfig(**{**TOY.__dict__, "epochs": 1, "val_every": 0})
+    seg.train_structure(pairs, "cochlea", other, 1, tmp_path / "cochlea", progress=False)
+    (tmp_path / "cochlea" / "fold_0" / "history.csv").unlink()  # so that it counts as unfinished
+    jobs = [seg.StructureJob(pairs, "vs", cfg, 1, tmp_path / "vs"), seg.StructureJob(pairs, "cochlea", cfg, 1, tmp_path / "cochlea")]
+    with pytest.raises(ValueError, match=r"cochlea/fold_0/checkpoint.pt: checkpoint was made with other settings"):
+        seg.train_structures(jobs, workers=2, progress=False)
+    assert not (tmp_path / "vs" / "manifest.json").exists()
