@@ -12,13 +12,16 @@ peak resident memory (``ru_maxrss``) is its own, this prints side by side:
   measured) on a volume of the stage-01 size of that profile;
 * the extrapolated time of one epoch and of a whole training;
 * with ``--layouts channels_last contiguous``, each setting in both memory layouts side by side
-  (the library builds channels-last 3D networks: ``segmentation.CHANNELS_LAST``), with the ratio.
+  (the library builds channels-last 3D networks: ``segmentation.CHANNELS_LAST``), with the ratio;
+* with ``--workers``, the wall time of training the demo's two models (VS and cochlea) through
+  :func:`crossmoda_lib.segmentation.train_structures` in turn in this process and side by side in
+  two processes (stage 06/07 ``workers``), on the same volumes, with the ratio.
 
 papers/004 reports 27 s and 5.4 GB per case for GPU inference of the paper's ensemble; on a GPU
 (``--device cuda`` when one is present) the paper row is measured there too.
 
     .venv/bin/python benchmarks/bench_segmentation.py [--iterations 3] [--only smoke demo]
-        [--layouts channels_last contiguous]
+        [--layouts channels_last contiguous] [--workers]
 """
 
 from __future__ import annotations
@@ -90,13 +93,54 @@ def measure(name: str, layout: str, iterations: int, device: str, queue) -> None
     queue.put(dict(setting=name, layout=layout, patch="x".join(map(str, patch)), params=params, step_s=step_s, peak_mib=peak_mib, gpu_mib=gpu_mib, infer_s=infer_s, infer_tta_s=infer_tta_s, epoch_s=step_s * s["iterations"], training_h=step_s * s["iterations"] * s["epochs"] / 3600))
 
 
+def compare_workers(iterations: int) -> None:
+    """Two demo models trained in turn, then side by side (``workers`` 1 and 2), on random volumes of
+    the demo's stage-01 size; every model trains ``iterations`` iterations (2 epochs)."""
+    import tempfile
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    s = SETTINGS["demo"]
+    cfg = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=s["patch_size"], base_filters=s["base_filters"], batch_size=s["batch_size"], epochs=2, iterations_per_epoch=max(1, iterations // 2), optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        pairs = []
+        for k in range(3):
+            name = f"crossmoda2022_ldn_{k + 1:03d}"
+            label = np.zeros(s["volume"], dtype=np.uint8)
+            label[18:26, 60:80, 70:90] = 1
+            label[20:24, 60:66, 30:36] = 2
+            image = (rng.random(s["volume"], dtype=np.float32) * 0.5 + 0.4 * (label > 0)).astype(np.float32)
+            pairs.append(seg.Pair(name, root / f"{name}_T2.nii.gz", root / f"{name}_Label.nii.gz"))
+            sitk.WriteImage(sitk.GetImageFromArray(image), str(pairs[-1].image))
+            sitk.WriteImage(sitk.GetImageFromArray(label), str(pairs[-1].label))
+        times = {}
+        for workers in (1, 2):
+            jobs = [seg.StructureJob(pairs, structure, cfg, 1, root / f"workers_{workers}" / structure) for structure in ("vs", "cochlea")]
+            t0 = time.perf_counter()
+            seg.train_structures(jobs, workers=workers, progress=False)
+            times[workers] = time.perf_counter() - t0
+    n = 2 * cfg.epochs * cfg.iterations_per_epoch
+    print(f"demo setting, 2 models x {n // 2} iterations, {torch.get_num_threads()} threads on the machine (process start-up included)")
+    for workers, t in times.items():
+        how = "in turn, one process" if workers == 1 else f"side by side, {workers} processes x {max(1, torch.get_num_threads() // workers)} threads"
+        print(f"  workers {workers} ({how}): {t:7.1f} s, {t / n:.3f} s per iteration")
+    print(f"  side by side / in turn: x{times[2] / times[1]:.2f} time ({times[1] / times[2]:.2f}x faster)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["channels_last"], help="memory layouts to measure (the first is the library's)")
+    ap.add_argument("--workers", action="store_true", help="only compare training two demo models in turn and side by side")
     args = ap.parse_args()
+    if args.workers:
+        compare_workers(max(args.iterations, 40))
+        return
     ctx = mp.get_context("spawn")
     rows = []
     for name in args.only:

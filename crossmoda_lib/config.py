@@ -166,6 +166,30 @@ def versions() -> dict[str, str]:
     return out
 
 
+def machine() -> dict:
+    """What the numbers of a run depend on besides code, parameters and seed: the CPU model, the
+    threads torch uses, and the CPU kernel family (the ``ATEN_CPU_CAPABILITY`` and
+    ``ONEDNN_MAX_CPU_ISA`` in force; see :data:`crossmoda_lib.CPU_KERNELS`). The same seed gives
+    the same numbers only on machines that agree on all of them."""
+    import os
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        model = names[0] if names else model
+    return {
+        "cpu": model,
+        "architecture": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{key: os.environ.get(key, "") for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+    }
+
+
 def git_commit(root: Path | None = None) -> str:
     """The project's git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
     root = root or project_root()

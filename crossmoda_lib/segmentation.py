@@ -651,10 +651,10 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
 
     Every (structure, fold) model is independent of the others. With ``workers`` > 1 the unfinished
     ones train side by side in that many processes, each with its share of the machine's threads: on
-    a 2-core CPU two one-thread processes get through the demo's two models 1.4x faster than one
-    two-thread process trains them in turn (``benchmarks/bench_segmentation.py --workers``). Each
-    model stays deterministic for a given number of threads; models trained with other thread counts
-    differ by float rounding only.
+    a 2-core CPU two one-thread processes train the demo's two models 1.13x faster than one
+    two-thread process trains them in turn, start-up of the processes included
+    (``benchmarks/bench_segmentation.py --workers --iterations 160``). Each model stays deterministic
+    for a given number of threads; models trained with other thread counts differ by float rounding.
 
     Returns:
         Per job, one row per fold: training and validation volumes, final loss, last validation Dice.
@@ -721,7 +721,8 @@ def predict_label(image: np.ndarray, vs: tuple[list, SegConfig], cochlea: tuple[
 
 def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """For the first stage-01 hrT2 of each centre: (title, slice, predicted label slice, truth slice or
-    None) at the slice with the largest VS (predicted or true)."""
+    None) at the slice with the largest true VS (where a miss shows), or the largest predicted VS when
+    there is no truth."""
     stage01, model_root = Path(stage01), Path(model_root)
     vs = load_ensemble(model_root / "vs")[:2]
     cochlea = load_ensemble(model_root / "cochlea")[:2]
@@ -734,7 +735,7 @@ def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[
         label = predict_label(image, vs, cochlea)
         truth_path = stage01 / "synthetic_truth" / paths[0].name.replace("_hrT2", "_hrT2_Label")
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) if truth_path.exists() else None
-        area = (label == 1).sum(axis=(1, 2)) + ((truth == 1).sum(axis=(1, 2)) if truth is not None else 0)
+        area = (truth == 1).sum(axis=(1, 2)) if truth is not None and (truth == 1).any() else (label == 1).sum(axis=(1, 2))
         z = int(area.argmax())
         rows.append((f"{centre} {paths[0].name.split('_hrT2')[0]}", image[z], label[z], truth[z] if truth is not None else None))
     return rows

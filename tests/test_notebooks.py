@@ -108,6 +108,13 @@ def test_every_notebook_executes_with_the_smoke_profile(smoke_run):
     saved = json.loads((out / "run_manifest.json").read_text())
     assert all(n["status"] == "ok" for n in saved["notebooks"]) and saved["seed"] == 0 and saved["git_commit"]
     assert saved["versions"]["torch"].startswith("2.13.0")
+    # The numbers depend on the CPU's kernels and the thread count (README): the manifest says which.
+    import os
+
+    import torch
+
+    assert saved["machine"]["cores"] == os.cpu_count() and saved["machine"]["torch_threads"] == torch.get_num_threads()
+    assert saved["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and saved["machine"]["cpu"]
     assert (tmp / "data" / "manifest.json").is_file(), "the synthetic cohort is generated on demand"
 
 
@@ -194,6 +201,15 @@ def test_smoke_06_07_08_outputs(smoke_run):
     out, data = tmp / "outputs", tmp / "data"
     for structure in ("vs", "cochlea"):
         assert (out / "06_segmentation" / structure / "fold_0" / "history.csv").is_file()
+    # The 06 figure shows each case at its largest true VS, so that a missed tumour is in view.
+    from crossmoda_lib import segmentation
+
+    rows = segmentation.prediction_rows(out / "01_preprocess", out / "06_segmentation")
+    assert len(rows) == 2
+    for title, _, _, truth_slice in rows:
+        case = title.split()[-1]
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "01_preprocess" / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz")))
+        assert (truth_slice == 1).sum() == (truth == 1).sum(axis=(1, 2)).max() > 0
     smoke = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())["notebooks"]["07_self_training"]
     rounds = smoke["rounds"]
     targets = sorted(p.name.replace("_hrT2", "_Label") for p in (data / "training_target").glob("*_hrT2.nii.gz"))
