@@ -49,9 +49,14 @@ def train(run: str, iterations: int, threads: int, queue) -> None:
     settings = json.loads((stage02 / "config.json").read_text())
     cfg = tr.CycleGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     cfg = replace(cfg, log_every=min(cfg.log_every, iterations), checkpoint_every=10**9)
+    stage01 = config.stage_dir(run, "01_preprocess")
+    made = json.loads((stage02 / "manifest.json").read_text())  # the run's own centres and slice rule
+    anatomy = {"min_anatomy_fraction": made["min_anatomy_fraction"]}
+    slices_a = tr.collect_slices(tr.stage_volumes(stage01, "source", "ceT1", made["centres"]), cfg.image_size, **anatomy)
+    slices_b = tr.collect_slices(tr.stage_volumes(stage01, "target", "hrT2", made["centres"]), cfg.image_size, **anatomy)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        nets, history, _ = tr.train_stage(config.stage_dir(run, "01_preprocess"), tmp, cfg, ["London"], progress=False, stop_after=iterations)
+        nets, history = tr.train_cyclegan(slices_a, slices_b, cfg, tmp, stop_after=iterations, progress=False)
         seconds = time.perf_counter() - t0
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in nets.G_A.state_dict().values())).hexdigest()[:12]
     last = history.iloc[-1]
