@@ -47,7 +47,7 @@ def train(run: str, iterations: int, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     stage02 = config.stage_dir(run, "02_cyclegan")
     settings = json.loads((stage02 / "config.json").read_text())
-    cfg = tr.CycleGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    cfg = tr.CycleGANConfig.from_dict(settings)
     cfg = replace(cfg, log_every=min(cfg.log_every, iterations), checkpoint_every=10**9)
     stage01 = config.stage_dir(run, "01_preprocess")
     made = json.loads((stage02 / "manifest.json").read_text())  # the run's own centres and slice rule

@@ -603,10 +603,6 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_fold_quietly(task: _FoldTask) -> dict:
-    return _train_fold(task, progress=False)
-
-
 def _epochs_done(out_dir: Path) -> int:
     history = out_dir / "history.csv"
     return max(0, len(history.read_text().splitlines()) - 1) if history.exists() else 0
@@ -626,7 +622,7 @@ def _train_in_pool(tasks: list[_FoldTask], workers: int, progress: bool) -> list
     bar = tqdm(total=total, desc=f"06 training {len(tasks)} models, {workers} processes x {threads} threads", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(threads,))
     try:
-        pending = [pool.apply_async(_train_fold_quietly, (task,)) for task in tasks]
+        pending = [pool.apply_async(_train_fold, (task, False)) for task in tasks]
         while not all(r.ready() for r in pending):
             pending[next(i for i, r in enumerate(pending) if not r.ready())].wait(1.0)
             for r in pending:
@@ -660,18 +656,16 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
         Per job, one row per fold: training and validation volumes, final loss, last validation Dice.
     """
     jobs = [StructureJob(*job) for job in jobs]
-    tasks = [task for job in jobs for task in _fold_tasks(job)]
-    todo = [t for t in tasks if _epochs_done(t.out_dir) < t.cfg.epochs]
+    per_job = [_fold_tasks(job) for job in jobs]
+    tasks = [task for group in per_job for task in group]
+    todo = [i for i, t in enumerate(tasks) if _epochs_done(t.out_dir) < t.cfg.epochs]
     workers = max(1, min(workers, len(todo)))
-    rows = {}
-    if workers > 1:
-        rows.update({(t.structure, t.fold): row for t, row in zip(todo, _train_in_pool(todo, workers, progress))})
-    for t in tasks:
-        if (t.structure, t.fold) not in rows:  # sequential, in this process; finished models are only loaded
-            rows[(t.structure, t.fold)] = _train_fold(t, progress=progress)
-    tables = []
-    for job in jobs:
-        table = pd.DataFrame([rows[(t.structure, t.fold)] for t in tasks if t.structure == job.structure])
+    trained = dict(zip(todo, _train_in_pool([tasks[i] for i in todo], workers, progress))) if workers > 1 else {}
+    # The rest in this process, in turn (finished models are only loaded).
+    rows = [trained[i] if i in trained else _train_fold(t, progress=progress) for i, t in enumerate(tasks)]
+    tables, remaining = [], iter(rows)
+    for job, group in zip(jobs, per_job):
+        table = pd.DataFrame([next(remaining) for _ in group])
         save_manifest(job.out_dir, {"structure": job.structure, "folds": job.folds, "settings": job.cfg.as_dict(), "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in job.pairs], "clip_percentile": job.clip_percentile, "summary": table.to_dict("records")})
         tables.append(table)
     return tables

@@ -117,6 +117,13 @@ class CycleGANConfig:
         d["image_size"] = list(self.image_size) if self.image_size else None
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> CycleGANConfig:
+        """The inverse of :meth:`as_dict` (a checkpoint's or ``config.json``'s settings)."""
+        d = dict(d)
+        d["image_size"] = tuple(d["image_size"]) if d["image_size"] else None
+        return cls(**d)
+
 
 # --------------------------------------------------------------------------------------------------
 # Networks
@@ -516,9 +523,7 @@ def load_generators(ckpt_path: Path | str) -> tuple[ResnetGenerator, ResnetGener
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if not saved["state"].finished:
         raise ValueError(f"{ckpt_path}: training has not finished (iteration {saved['state'].iteration}); run 02 again to resume")
-    raw = dict(saved["config"])
-    raw["image_size"] = tuple(raw["image_size"]) if raw["image_size"] else None
-    cfg = CycleGANConfig(**raw)
+    cfg = CycleGANConfig.from_dict(saved["config"])
     g_a, g_b = ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks), ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks)
     g_a.load_state_dict(saved["nets"]["G_A"])
     g_b.load_state_dict(saved["nets"]["G_B"])

@@ -187,3 +187,10 @@ def test_random_crops_are_windows_of_the_slice_and_translation_stays_whole(tmp_p
     assert history.cycle_A.iloc[-1] < 0.7 * history.cycle_A.iloc[0]
     with torch.no_grad():
         assert nets.G_A.eval()(a[:2]).shape == a[:2].shape
+
+
+def test_settings_survive_their_json_form():
+    import json
+
+    for cfg in (TOY, tr.CycleGANConfig(**{**TOY.as_dict(), "image_size": None})):
+        assert tr.CycleGANConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))) == cfg
