@@ -1,0 +1,204 @@
+"""Is the demo's translation a draw? Several stage-02 CycleGANs of one profile, scored side by side.
+
+A GAN trained for a few thousand iterations is a draw: the seed, the CPU's kernel family (AVX-512,
+AVX2) and the thread count each give another training path (``bench_reproducibility.py``). One
+run of the pipeline says little about its settings; this script says how often they work. It
+trains one CycleGAN per (seed, kernel family) with the 02_cyclegan settings of a profile (``--set``
+overrides any of them), two at a time in spawned one-thread processes, translates every stage-01
+ceT1 volume with each, and prints per draw:
+
+* ``vs_oracle``: the translation score of ``bench_translation_quality.py``, the Dice of a VS model
+  trained on *real* hrT2 with the synthetic truth, applied to the pseudo-hrT2 (largest component),
+  mean over the source cases. The same oracle on held-out real hrT2 is the ceiling;
+* ``vs_contrast`` and ``cochlea_contrast``: mean inside the label minus the mean of the shell 2-3
+  voxels outside it (intensities in [0, 1]), model-free; the real hrT2's values are printed beside;
+* ``vs_level``: the mean intensity inside the VS divided by the 99th percentile of the slice
+  volume, where real hrT2 puts the tumour at about half the CSF. A CycleGAN caught near the
+  identity mapping leaves the enhancing tumour CSF-bright (near 1); one that takes it for an
+  enhancing vessel (a flow void on hrT2) paints it dark (near 0.1).
+
+    .venv/bin/python benchmarks/bench_cyclegan_draws.py [--run outputs/demo] [--profile params/demo.yaml]
+        [--seeds 0 1 2] [--kernels default avx2] [--set lambda_identity=0 n_blocks=9] [--workers 2]
+
+Needs stage 01 of ``--run``. Draws go to ``<run>/benchmarks/cyclegan_draws/<settings>/<seed>_<kernels>``
+and are reused (or resumed) on the next call; the oracle is ``<run>/benchmarks/oracle_vs`` (about
+2 minutes to train the first time). One demo draw takes about 10 minutes on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+KERNELS = {"default": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+ORACLE_ITERATIONS = 250
+
+
+def oracle_config(stage01: Path):
+    import SimpleITK as sitk
+
+    from crossmoda_lib import segmentation as seg
+
+    spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
+    return seg.SegConfig(spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=ORACLE_ITERATIONS // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+
+
+def oracle(run: Path):
+    """The VS oracle of bench_translation_quality.py (trained once, then reused)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_translation_quality as btq
+
+    from crossmoda_lib import segmentation as seg
+
+    stage01 = run / "01_preprocess"
+    cfg = oracle_config(stage01)
+    net, _ = seg.train(btq.oracle_cases(stage01, "target", "vs"), [], cfg, run / "benchmarks" / "oracle_vs", progress=False)
+    return net, cfg, btq
+
+
+def level(image, label) -> float:
+    import numpy as np
+
+    return float(image[label].mean() / max(np.percentile(image, 99), 1e-6))
+
+
+def references(run: Path) -> dict:
+    """The oracle's ceiling and the contrasts of real hrT2 (training_target, with the truth)."""
+    import numpy as np
+
+    net, cfg, btq = oracle(run)
+    stage01 = run / "01_preprocess"
+    validation = btq.oracle_cases(stage01, "validation", "vs")
+    vs = btq.oracle_cases(stage01, "target", "vs")
+    cochlea = btq.oracle_cases(stage01, "target", "cochlea")
+    return {
+        "vs_oracle": float(np.mean(btq.score(net, cfg, validation, "vs"))),
+        "vs_contrast": float(np.mean([btq.contrast(c) for c in vs])),
+        "cochlea_contrast": float(np.mean([btq.contrast(c) for c in cochlea])),
+        "vs_level": float(np.mean([level(c.image, c.target.astype(bool)) for c in vs])),
+        "n": len(validation),
+    }
+
+
+def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, out: str, queue) -> None:
+    """One CycleGAN (in a spawned one-thread process), then its scores."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from crossmoda_lib import segmentation as seg
+    from crossmoda_lib import translation as tr
+
+    torch.set_num_threads(1)
+    run_path, out_path = Path(run), Path(out)
+    stage01 = run_path / "01_preprocess"
+    cfg = tr.CycleGANConfig.from_dict(settings)
+    t0 = time.perf_counter()
+    nets, history, _ = tr.train_stage(stage01, out_path, cfg, centres, min_anatomy_fraction=min_anatomy_fraction, progress=False)
+    seconds = time.perf_counter() - t0
+    net, ocfg, btq = oracle(run_path)
+    generator = nets.G_A.eval()
+    rows = []
+    for path in sorted((stage01 / "source").glob("*_ceT1.nii.gz")):
+        with torch.no_grad():
+            pseudo = tr.translate_array(generator, sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32), cfg.image_size)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_ceT1", "_Label")))
+        vs = seg.Case(path.name, pseudo, (labels == 1).astype(np.uint8))
+        cochlea = seg.Case(path.name, pseudo, (labels == 2).astype(np.uint8))
+        rows.append({
+            "vs_oracle": btq.score(net, ocfg, [vs], "vs")[0],
+            "vs_contrast": btq.contrast(vs),
+            "cochlea_contrast": btq.contrast(cochlea) if cochlea.target.any() else float("nan"),
+            "vs_level": level(pseudo, labels == 1),
+        })
+    means = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+    queue.put({"out": out, "capability": torch.backends.cpu.get_cpu_capability(), "train_s": seconds, "iterations": int(history.iteration.iloc[-1]) if len(history) else 0, "per_case_vs_oracle": [round(r["vs_oracle"], 2) for r in rows], **means})
+
+
+def settings_from_profile(profile_path: Path, overrides: list[str]) -> tuple[dict, list, float]:
+    from crossmoda_lib import config
+    from crossmoda_lib import translation as tr
+
+    section = dict(config.load_profile(profile_path)["notebooks"].get("02_cyclegan", {}))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not _:
+            raise SystemExit(f"--set {item!r}: use key=value")
+        section[key] = json.loads(value)
+    centres = section.pop("centres", ["London"])
+    min_anatomy_fraction = float(section.pop("min_anatomy_fraction", 0.1))
+    known = {f.name for f in fields(tr.CycleGANConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise SystemExit(f"not CycleGAN settings: {unknown}; known: {sorted(known)}")
+    if not section.get("random_crop"):
+        section["random_crop"] = None
+    section["image_size"] = list(section["image_size"]) if section.get("image_size") else None
+    tr.CycleGANConfig.from_dict({**tr.CycleGANConfig().as_dict(), **section})  # checks the values now
+    return section, centres, min_anatomy_fraction
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="outputs/demo", help="a run folder with stage 01")
+    ap.add_argument("--profile", default="params/demo.yaml", help="the 02_cyclegan settings come from here")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["default"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override 02_cyclegan settings (JSON values)")
+    ap.add_argument("--workers", type=int, default=2, help="draws trained at once (one thread each)")
+    args = ap.parse_args()
+
+    from crossmoda_lib import config
+    from crossmoda_lib import translation as tr
+
+    run = config.resolve_path(args.run)
+    config.require_stage(run / "01_preprocess", "01_preprocess")
+    section, centres, anatomy = settings_from_profile(config.resolve_path(args.profile), args.set)
+    tag = hashlib.sha256(json.dumps([section, centres, anatomy], sort_keys=True).encode()).hexdigest()[:8]
+    root = run / "benchmarks" / "cyclegan_draws" / tag
+    ref = references(run)  # trains the oracle once, before the draws share it
+    jobs = []
+    for kernels in args.kernels:
+        for seed in args.seeds:
+            settings = tr.CycleGANConfig.from_dict({**tr.CycleGANConfig().as_dict(), **section, "seed": seed}).as_dict()
+            jobs.append((kernels, seed, settings, str(root / f"seed{seed}_{kernels}")))
+    print(f"{len(jobs)} draws of the 02_cyclegan settings of {args.profile} {' '.join(args.set)} (folder {root}), {args.workers} at a time, one thread each", flush=True)
+    ctx = mp.get_context("spawn")
+    results, running = [], []
+    pending = list(jobs)
+    t0 = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.workers:
+            kernels, seed, settings, out = pending.pop(0)
+            saved = {k: os.environ.get(k) for k in KERNELS[kernels]}
+            os.environ.update(KERNELS[kernels])  # the child reads them at its first kernel
+            try:
+                queue = ctx.Queue()
+                proc = ctx.Process(target=draw, args=(str(run), settings, centres, anatomy, out, queue))
+                proc.start()
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            running.append((kernels, seed, proc, queue))
+        kernels, seed, proc, queue = running.pop(0)
+        result = queue.get()
+        proc.join()
+        results.append({"seed": seed, "kernels": kernels, **result})
+        print(f"  seed {seed} ({kernels}): translation score {result['vs_oracle']:.3f} after {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\n{'seed':>4} {'kernels':>8} {'cpu':>8} {'train s':>8} {'iter':>6} {'vs_oracle':>10} {'vs_level':>9} {'vs_contrast':>12} {'cochlea_contrast':>17}  per-case vs_oracle")
+    for r in results:
+        print(f"{r['seed']:>4} {r['kernels']:>8} {r['capability']:>8} {r['train_s']:>8.0f} {r['iterations']:>6} {r['vs_oracle']:>10.3f} {r['vs_level']:>9.2f} {r['vs_contrast']:>12.3f} {r['cochlea_contrast']:>17.3f}  {r['per_case_vs_oracle']}")
+    print(f"{'real hrT2':>31} {'':>6} {ref['vs_oracle']:>10.3f} {ref['vs_level']:>9.2f} {ref['vs_contrast']:>12.3f} {ref['cochlea_contrast']:>17.3f}  (oracle: {ref['n']} validation hrT2, the ceiling)")
+    usable = sum(r["vs_oracle"] >= 0.3 for r in results)
+    print(f"\ndraws with a translation score >= 0.3: {usable} of {len(results)}")
+
+
+if __name__ == "__main__":
+    main()
