@@ -31,34 +31,26 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
-KERNELS = {"default": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
-ORACLE_ITERATIONS = 250
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmarks below, also in spawned children
 
+from bench_reproducibility import AVX2, start_with_env  # noqa: E402
 
-def oracle_config(stage01: Path):
-    import SimpleITK as sitk
-
-    from crossmoda_lib import segmentation as seg
-
-    spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
-    return seg.SegConfig(spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=ORACLE_ITERATIONS // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+KERNELS = {"default": {}, "avx2": AVX2}
 
 
 def oracle(run: Path):
     """The VS oracle of bench_translation_quality.py (trained once, then reused)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     import bench_translation_quality as btq
 
     from crossmoda_lib import segmentation as seg
 
     stage01 = run / "01_preprocess"
-    cfg = oracle_config(stage01)
+    cfg = btq.oracle_config(stage01)
     net, _ = seg.train(btq.oracle_cases(stage01, "target", "vs"), [], cfg, run / "benchmarks" / "oracle_vs", progress=False)
     return net, cfg, btq
 
@@ -119,10 +111,12 @@ def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, o
             "vs_level": level(pseudo, labels == 1),
         })
     means = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-    queue.put({"out": out, "capability": torch.backends.cpu.get_cpu_capability(), "train_s": seconds, "iterations": int(history.iteration.iloc[-1]) if len(history) else 0, "per_case_vs_oracle": [round(r["vs_oracle"], 2) for r in rows], **means})
+    queue.put({"capability": torch.backends.cpu.get_cpu_capability(), "train_s": seconds, "iterations": int(history.iteration.iloc[-1]) if len(history) else 0, "per_case_vs_oracle": [round(r["vs_oracle"], 2) for r in rows], **means})
 
 
-def settings_from_profile(profile_path: Path, overrides: list[str]) -> tuple[dict, list, float]:
+def settings_from_profile(profile_path: Path, overrides: list[str]):
+    """The profile's 02_cyclegan section with the overrides: (that section as given, the
+    CycleGANConfig it makes, centres, min_anatomy_fraction)."""
     from crossmoda_lib import config
     from crossmoda_lib import translation as tr
 
@@ -141,8 +135,8 @@ def settings_from_profile(profile_path: Path, overrides: list[str]) -> tuple[dic
     if not section.get("random_crop"):
         section["random_crop"] = None
     section["image_size"] = list(section["image_size"]) if section.get("image_size") else None
-    tr.CycleGANConfig.from_dict({**tr.CycleGANConfig().as_dict(), **section})  # checks the values now
-    return section, centres, min_anatomy_fraction
+    cfg = tr.CycleGANConfig.from_dict({**tr.CycleGANConfig().as_dict(), **section})  # checks the values now
+    return section, cfg, centres, min_anatomy_fraction
 
 
 def main() -> None:
@@ -156,19 +150,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from crossmoda_lib import config
-    from crossmoda_lib import translation as tr
 
     run = config.resolve_path(args.run)
     config.require_stage(run / "01_preprocess", "01_preprocess")
-    section, centres, anatomy = settings_from_profile(config.resolve_path(args.profile), args.set)
+    section, cfg, centres, anatomy = settings_from_profile(config.resolve_path(args.profile), args.set)
     tag = hashlib.sha256(json.dumps([section, centres, anatomy], sort_keys=True).encode()).hexdigest()[:8]
     root = run / "benchmarks" / "cyclegan_draws" / tag
     ref = references(run)  # trains the oracle once, before the draws share it
     jobs = []
     for kernels in args.kernels:
         for seed in args.seeds:
-            settings = tr.CycleGANConfig.from_dict({**tr.CycleGANConfig().as_dict(), **section, "seed": seed}).as_dict()
-            jobs.append((kernels, seed, settings, str(root / f"seed{seed}_{kernels}")))
+            jobs.append((kernels, seed, replace(cfg, seed=seed).as_dict(), str(root / f"seed{seed}_{kernels}")))
     print(f"{len(jobs)} draws of the 02_cyclegan settings of {args.profile} {' '.join(args.set)} (folder {root}), {args.workers} at a time, one thread each", flush=True)
     ctx = mp.get_context("spawn")
     results, running = [], []
@@ -177,15 +169,8 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < args.workers:
             kernels, seed, settings, out = pending.pop(0)
-            saved = {k: os.environ.get(k) for k in KERNELS[kernels]}
-            os.environ.update(KERNELS[kernels])  # the child reads them at its first kernel
-            try:
-                queue = ctx.Queue()
-                proc = ctx.Process(target=draw, args=(str(run), settings, centres, anatomy, out, queue))
-                proc.start()
-            finally:
-                for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            queue = ctx.Queue()
+            proc = start_with_env(ctx, KERNELS[kernels], draw, (str(run), settings, centres, anatomy, out, queue))
             running.append((kernels, seed, proc, queue))
         kernels, seed, proc, queue = running.pop(0)
         result = queue.get()

@@ -27,12 +27,29 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+#: The environment that makes torch and oneDNN use AVX2 kernels on a CPU that has AVX-512.
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
 SETTINGS = [
     ("machine default", {}, 2),
     ("machine default", {}, 2),
-    ("AVX2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, 2),
+    ("AVX2", AVX2, 2),
     ("machine default", {}, 1),
 ]
+
+
+def start_with_env(ctx, env: dict, target, args: tuple):
+    """Start a spawned process with ``env`` added to its environment (the child's torch reads the
+    kernel variables at its first kernel); this process's environment is left as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = ctx.Process(target=target, args=args)
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return proc
 
 
 def train(run: str, iterations: int, threads: int, queue) -> None:
@@ -73,17 +90,10 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     rows = []
     for name, env, threads in SETTINGS:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # a spawned child starts with this environment; torch reads it at its first kernel
-        try:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=train, args=(args.run, args.iterations, threads, queue))
-            proc.start()
-            rows.append(dict(setting=name, **queue.get()))
-            proc.join()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        queue = ctx.Queue()
+        proc = start_with_env(ctx, env, train, (args.run, args.iterations, threads, queue))
+        rows.append(dict(setting=name, **queue.get()))
+        proc.join()
     print(f"demo CycleGAN, seed from {args.run}/02_cyclegan/config.json, {args.iterations} iterations per row")
     print(f"{'setting':16} {'kernels':>8} {'threads':>7} {'s/iter':>7} {'G_A':>9} {'cycle_A':>9} {'D_A':>9} {'G_A weights':>13} {'= row 1':>8}")
     for r in rows:

@@ -48,6 +48,13 @@ def oracle_cases(stage01: Path, split: str, structure: str) -> list[seg.Case]:
     return [seg.load_case(p, truth / p.name.replace("_hrT2", "_hrT2_Label"), seg.STRUCTURES[structure]) for p in paths]
 
 
+def oracle_config(stage01: Path, iterations: int = 250) -> seg.SegConfig:
+    """The oracle's settings: the demo's VS network, Adam, ``iterations`` (a multiple of 25) on the
+    real hrT2's own spacing."""
+    spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
+    return seg.SegConfig(spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=iterations // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+
+
 def score(net, cfg: seg.SegConfig, cases: list[seg.Case], structure: str) -> list[float]:
     keep = seg.largest_component if structure == "vs" else (lambda m: m)
     return [seg.dice_score(keep(seg.predict_mask(net, c.image, cfg)), c.target) for c in cases]
@@ -69,8 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     run = config.resolve_path(args.run)
     stage01, stage03 = config.stage_dir(run, "01_preprocess"), config.stage_dir(run, "03_translate")
-    spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
-    cfg = seg.SegConfig(spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=args.iterations // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+    cfg = oracle_config(stage01, args.iterations)
     for structure in args.structures:
         training = oracle_cases(stage01, "target", structure)
         t = time.perf_counter()
