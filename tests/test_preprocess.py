@@ -154,13 +154,40 @@ def test_normalisation_is_documented_and_invertible(cohort):
     out, _, info = pp.preprocess_image(image, None, CFG)
     o = sitk.GetArrayFromImage(out)
     assert o.min() >= 0.0 and o.max() <= 1.0
-    lo, hi = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
+    lo, hi = np.percentile(sitk.GetArrayViewFromImage(image), CFG.intensity_percentiles)
     assert (info["intensity_lo"], info["intensity_hi"]) == pytest.approx((lo, hi))
     full, start, grid = pp.crop_window(image, CFG)
     resampled = sitk.Resample(image, grid.reference(), sitk.Transform(), sitk.sitkLinear, lo, sitk.sitkFloat32)
     r = sitk.GetArrayFromImage(resampled)
     inside = (o > 0) & (o < 1)
     np.testing.assert_allclose(lo + o[inside] * (hi - lo), r[inside], rtol=1e-4, atol=1e-3 * (hi - lo))
+
+
+def test_ceT1_normalisation_does_not_depend_on_the_tumour(cohort):
+    """The London source ceT1 scans hold tumours from under 0.1% to about 1% of their voxels. The
+    default upper percentile (99.9) sits above the enhancing voxels, so the brain lands at the same
+    level in every case and tumours keep their contrast; 99.5 falls among them, so the brain's level
+    follows the tumour's size and tumours are clipped to 1, barely above the brain (the setting this
+    replaced)."""
+
+    def levels(cfg):
+        rows = []
+        for case in ("crossmoda2021_ldn_1", "crossmoda2021_ldn_2", "crossmoda2021_ldn_3"):
+            image = _read(cohort, f"training_source/{case}_ceT1.nii.gz")
+            label = _read(cohort, f"training_source/{case}_Label.nii.gz")
+            out, out_label, _ = pp.preprocess_image(image, label, cfg)
+            rows.append(pp.tissue_levels(sitk.GetArrayFromImage(out), sitk.GetArrayFromImage(out_label)))
+        return rows
+
+    assert pp.PreprocessConfig().intensity_percentiles == (0.5, 99.9)
+    good = levels(CFG)
+    brain = [r["brain_median"] for r in good]
+    assert max(brain) - min(brain) < 0.1 and all(0.4 < b < 0.7 for b in brain), brain
+    assert all(r["vs_mean"] - r["brain_median"] > 0.25 for r in good), good  # the tumour enhances
+    old = levels(pp.PreprocessConfig(spacing=CFG.spacing, crop_size=CFG.crop_size, intensity_percentiles=(0.5, 99.5)))
+    brain_old = [r["brain_median"] for r in old]
+    assert max(brain_old) - min(brain_old) > 0.2, brain_old
+    assert min(r["vs_mean"] - r["brain_median"] for r in old) < 0.2, old  # the tumour, clipped, barely above the brain
 
 
 def test_config_rejects_bad_settings():
