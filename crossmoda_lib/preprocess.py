@@ -23,8 +23,9 @@ Implementation choices (documented because the paper leaves them open):
   99.5 the brain's median lands at 0.83, 0.55 and 0.84 (the 0.55 case has a 1% tumour) and every
   tumour is clipped to 1 with the vessels; with 99.9 at 0.52, 0.52 and 0.57, tumours at 0.84-0.95.
   The CycleGAN sees one ceT1 contrast instead of a case-dependent one
-  (``tests/test_preprocess.py::test_ceT1_normalisation_does_not_depend_on_the_tumour``). ``lo`` and ``hi`` are stored per case in ``cases.csv``, so the mapping can be
-  inverted (``x = lo + y (hi - lo)`` for unclipped voxels).
+  (``tests/test_preprocess.py::test_ceT1_normalisation_does_not_depend_on_the_tumour``). ``lo`` and
+  ``hi`` are stored per case in ``cases.csv``, so the mapping can be inverted
+  (``x = lo + y (hi - lo)`` for unclipped voxels).
 """
 
 from __future__ import annotations
