@@ -284,6 +284,11 @@ def blend_stage(stage03: Path | str, model: sg.SinGANModel, out_dir: Path | str,
         rows.append({"case": row["case"], "centre": row["centre"], "rule": row["rule"], "structure": params.structure, "lambda": params.lam, "start_scale": params.start_scale, "seed": params.seed, "volume_mm3": round(row["volume_mm3"], 2), "std": round(row["std"], 5), "source": sources[params.structure], "file": f"augmented/{out_path.name}"})
     table = pd.DataFrame(rows, columns=["case", "centre", "rule", "structure", "lambda", "start_scale", "seed", "volume_mm3", "std", "source", "file"])
     cio.write_text_atomic(out_dir / "augmentations.csv", table.to_csv(index=False))
+    # Volumes of an earlier run with other rules would otherwise stay beside this run's.
+    keep = {Path(f).name for f in table.file} | {Path(f).name.replace("_pseudoT2", "_Label") for f in table.file}
+    for stale in (out_dir / "augmented").glob("*.nii.gz"):
+        if stale.name not in keep:
+            stale.unlink()
     stats = pd.concat([t.assign(source=sources[s]) for s, t in tables.items()], ignore_index=True)
     cio.write_text_atomic(out_dir / "roi_statistics.csv", stats.to_csv(index=False))
     from crossmoda_lib import __version__
@@ -319,3 +324,53 @@ def figure3_rows(stage05: Path | str, stage03: Path | str, table: pd.DataFrame, 
         title = f"{structure.upper() if structure == 'vs' else 'cochlea'}\n{row['case']}"
         rows.append((title, [("original pseudo-hrT2", original[y0:y1, x0:x1]), (f"naive x {row['lambda']:g}", naive[y0:y1, x0:x1]), (f"harmonized (start scale {row['start_scale']})", blended[y0:y1, x0:x1])]))
     return rows
+
+
+def structure_levels(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Where a structure sits in its volume, in units of the volume's 99th percentile (on hrT2 about
+    the CSF): ``level``, the mean inside ``mask``; ``contrast``, that mean minus the mean over the
+    shell 2-3 voxels outside it (6-neighbour dilations). NaN for an empty mask."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return {"level": float("nan"), "contrast": float("nan")}
+    scale = max(float(np.percentile(image, 99)), 1e-6)
+    shell = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask, iterations=1)
+    inside = float(image[mask].mean())
+    return {"level": inside / scale, "contrast": (inside - float(image[shell].mean())) / scale}
+
+
+def level_table(stage05: Path | str, stage03: Path | str, table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`structure_levels` of every augmented volume of ``table`` (``augmentations.csv``) and of
+    the pseudo-hrT2 it came from, one row per augmentation: does lambda bring the structure where
+    hrT2 puts it, and does the harmonization keep it there?"""
+    stage05, stage03 = Path(stage05), Path(stage03)
+    rows, cache = [], {}
+    for row in table.to_dict("records"):
+        key = (row["source"], row["case"], row["structure"])
+        if key not in cache:
+            folder = stage03 / row["source"]
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{row['case']}_Label.nii.gz"))) == STRUCTURES[row["structure"]]
+            cache[key] = (label, structure_levels(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{row['case']}_pseudoT2.nii.gz"))), label))
+        label, before = cache[key]
+        after = structure_levels(sitk.GetArrayFromImage(sitk.ReadImage(str(stage05 / row["file"]))), label)
+        rows.append({"case": row["case"], "structure": row["structure"], "lambda": row["lambda"], "start_scale": row["start_scale"], "level_before": before["level"], "level_after": after["level"], "contrast_before": before["contrast"], "contrast_after": after["contrast"]})
+    return pd.DataFrame(rows, columns=["case", "structure", "lambda", "start_scale", "level_before", "level_after", "contrast_before", "contrast_after"])
+
+
+def reference_levels(stage01: Path | str, split: str = "target") -> pd.DataFrame:
+    """:func:`structure_levels` of the VS and cochlea on the real hrT2 of ``split`` (stage 01) where a
+    ground truth exists: only a synthetic cohort has one (``synthetic_truth/``). Empty otherwise.
+    For reading the augmentation, never for choosing its settings from the target domain's labels."""
+    stage01 = Path(stage01)
+    rows = []
+    for path in sorted((stage01 / split).glob("*_hrT2.nii.gz")):
+        truth = stage01 / "synthetic_truth" / path.name.replace("_hrT2", "_hrT2_Label")
+        if not truth.exists():
+            continue
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(truth)))
+        case = path.name.removesuffix("_hrT2.nii.gz")
+        for structure, value in STRUCTURES.items():
+            if (label == value).any():
+                rows.append({"case": case, "structure": structure, **structure_levels(image, label == value)})
+    return pd.DataFrame(rows, columns=["case", "structure", "level", "contrast"])

@@ -525,8 +525,13 @@ def training_pairs(stage03: Path | str, stage05: Path | str, structure: str, set
     pairs = []
     for name in sets:
         if name == "augmented":
+            # The volumes that stage 05's last run recorded (not whatever else lies in the folder).
             folder, suffix = Path(stage05) / "augmented", "_pseudoT2"
-            images = sorted(folder.glob(f"*_{structure}_l*_pseudoT2.nii.gz"))
+            record = Path(stage05) / "augmentations.csv"
+            if not record.exists():
+                raise cio.DataError(f"{record}: missing; run notebooks/05_tumor_blending.ipynb")
+            done = pd.read_csv(record)
+            images = sorted(Path(stage05) / f for f in done.file[done.structure == structure])
         elif name in ("pseudo_hrT2", "pseudo_hrT2_vc"):
             folder, suffix = Path(stage03) / name, "_pseudoT2"
             images = sorted(folder.glob("*_pseudoT2.nii.gz"))
@@ -540,6 +545,8 @@ def training_pairs(stage03: Path | str, stage05: Path | str, structure: str, set
         if not images:
             raise cio.DataError(f"{folder}: no training volumes for {structure} (set {name}); run the earlier notebooks")
         for image in images:
+            if not image.exists():
+                raise cio.DataError(f"{image}: listed by stage 05 but missing; run notebooks/05_tumor_blending.ipynb again")
             label = image.parent / image.name.replace(suffix, "_Label")
             if not label.exists():
                 raise cio.DataError(f"{label}: label of {image.name} is missing")

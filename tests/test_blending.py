@@ -135,3 +135,46 @@ def test_rules_refuse_bad_settings():
         bl.BlendRule("x", "brain", (1.0,), (1,))
     rule = bl.BlendRule.from_dict({"name": "c", "structure": "cochlea", "lambdas": [2, 3], "start_scales": [13]})
     assert rule.lambdas == (2, 3) and rule.centres == ("London", "Tilburg")
+
+
+def test_structure_levels_against_hand_values():
+    """A 0.5 structure in a 0.1 surround, CSF at 1.0 filling 5 % of the volume (so it sets the 99th
+    percentile): level 0.5 and contrast 0.4; halving the whole image changes neither."""
+    image = np.full((20, 20, 20), 0.1, dtype=np.float32)
+    image[:1] = 1.0  # 400 of 8000 voxels
+    mask = np.zeros(image.shape, bool)
+    mask[8:12, 8:12, 8:12] = True
+    image[mask] = 0.5
+    levels = bl.structure_levels(image, mask)
+    assert levels == pytest.approx({"level": 0.5, "contrast": 0.4})
+    assert bl.structure_levels(image / 2, mask) == pytest.approx(levels)
+    for face in ((7, slice(8, 12), slice(8, 12)), (12, slice(8, 12), slice(8, 12)), (slice(8, 12), 7, slice(8, 12)), (slice(8, 12), 12, slice(8, 12)), (slice(8, 12), slice(8, 12), 7), (slice(8, 12), slice(8, 12), 12)):
+        image[face] = 0.9  # the voxels touching a face (partial volume) are not part of the shell
+    assert bl.structure_levels(image, mask)["contrast"] == pytest.approx(0.4)
+    assert np.isnan(bl.structure_levels(image, np.zeros(image.shape, bool))["level"])
+
+
+def test_a_rerun_of_stage05_replaces_its_volumes(model, tmp_path):
+    """Stage 05 run again with other lambdas leaves only its own volumes, and segmentation trains on
+    exactly those; the level table shows the cochlea brightened by the larger lambda."""
+    from crossmoda_lib import io as cio
+    from crossmoda_lib import segmentation as seg
+
+    image, label = _volume()
+    for sub in ("pseudo_hrT2", "pseudo_hrT2_vc"):
+        cio.write_image(image, tmp_path / "03" / sub / "crossmoda2021_ldn_1_pseudoT2.nii.gz")
+        cio.write_image(label, tmp_path / "03" / sub / "crossmoda2021_ldn_1_Label.nii.gz")
+    stage05 = tmp_path / "05"
+    levels = {}
+    for lam in (2.0, 3.0):
+        rules = (bl.BlendRule("cochlea", "cochlea", (lam,), (2,)),)
+        table = bl.blend_stage(tmp_path / "03", model, stage05, rules, seed=0, dilation_px=2, blur_sigma_px=1.0, progress=False)
+        pairs = seg.training_pairs(tmp_path / "03", stage05, "cochlea", ["augmented"])
+        assert [p.image.name for p in pairs] == [f"crossmoda2021_ldn_1_cochlea_l{lam:g}_n2_pseudoT2.nii.gz"]
+        assert sorted(f.name for f in (stage05 / "augmented").iterdir()) == sorted([pairs[0].image.name, pairs[0].label.name])
+        levels[lam] = bl.level_table(stage05, tmp_path / "03", table).iloc[0]
+    assert levels[2.0].level_before == levels[3.0].level_before
+    assert levels[2.0].level_before < levels[2.0].level_after < levels[3.0].level_after
+    (stage05 / "augmentations.csv").unlink()
+    with pytest.raises(cio.DataError, match="augmentations.csv"):
+        seg.training_pairs(tmp_path / "03", stage05, "cochlea", ["augmented"])

@@ -188,6 +188,11 @@ def test_smoke_04_05_outputs(smoke_run):
         label = sitk.ReadImage(str(out / "05_blending" / row.file.replace("_pseudoT2", "_Label")))
         source = sitk.ReadImage(str(out / "03_translate" / row.source / f"{row.case}_pseudoT2.nii.gz"))
         assert cio.geometry_mismatch(volume, source) is None and cio.geometry_mismatch(label, source) is None
+    # Section 4: one level row per augmentation, the structure brighter after lambda >= 2.
+    levels = pd.read_csv(out / "05_blending" / "structure_levels.csv")
+    assert list(levels[["case", "structure", "lambda", "start_scale"]].itertuples(index=False, name=None)) == list(table[["case", "structure", "lambda", "start_scale"]].itertuples(index=False, name=None))
+    cochlea = levels[levels.structure == "cochlea"]
+    assert (cochlea.level_after > cochlea.level_before).all()
 
 
 @pytest.mark.notebook
