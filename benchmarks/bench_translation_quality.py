@@ -33,9 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 import SimpleITK as sitk
-from scipy import ndimage
 
-from crossmoda_lib import config
+from crossmoda_lib import blending, config
 from crossmoda_lib import segmentation as seg
 
 
@@ -61,11 +60,9 @@ def score(net, cfg: seg.SegConfig, cases: list[seg.Case], structure: str) -> lis
 
 
 def contrast(case: seg.Case) -> float:
-    """Mean intensity inside the target minus the mean over the shell 2-3 voxels outside it."""
-    inside = case.target.astype(bool)
-    near = ndimage.binary_dilation(inside, iterations=1)
-    shell = ndimage.binary_dilation(inside, iterations=3) & ~near
-    return float(case.image[inside].mean() - case.image[shell].mean())
+    """Mean intensity inside the target minus the mean over the shell 2-3 voxels outside it, in image
+    units (``blending.structure_levels`` with scale 1)."""
+    return blending.structure_levels(case.image, case.target.astype(bool), scale=1.0)["contrast"]
 
 
 def main() -> None:

@@ -326,14 +326,15 @@ def figure3_rows(stage05: Path | str, stage03: Path | str, table: pd.DataFrame, 
     return rows
 
 
-def structure_levels(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+def structure_levels(image: np.ndarray, mask: np.ndarray, scale: float | None = None) -> dict[str, float]:
     """Where a structure sits in its volume, in units of the volume's 99th percentile (on hrT2 about
-    the CSF): ``level``, the mean inside ``mask``; ``contrast``, that mean minus the mean over the
-    shell 2-3 voxels outside it (6-neighbour dilations). NaN for an empty mask."""
+    the CSF), or of ``scale`` when given (1.0: image units): ``level``, the mean inside ``mask``;
+    ``contrast``, that mean minus the mean over the shell 2-3 voxels outside it (6-neighbour
+    dilations). NaN for an empty mask."""
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return {"level": float("nan"), "contrast": float("nan")}
-    scale = max(float(np.percentile(image, 99)), 1e-6)
+    scale = max(float(np.percentile(image, 99)), 1e-6) if scale is None else scale
     shell = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask, iterations=1)
     inside = float(image[mask].mean())
     return {"level": inside / scale, "contrast": (inside - float(image[shell].mean())) / scale}
@@ -364,7 +365,7 @@ def reference_levels(stage01: Path | str, split: str = "target") -> pd.DataFrame
     stage01 = Path(stage01)
     rows = []
     for path in sorted((stage01 / split).glob("*_hrT2.nii.gz")):
-        truth = stage01 / "synthetic_truth" / path.name.replace("_hrT2", "_hrT2_Label")
+        truth = cio.truth_label_path(stage01, path.name)
         if not truth.exists():
             continue
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))

@@ -611,6 +611,17 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def truth_label_path(root: Path | str, case: str) -> Path:
+    """The ground-truth label of hrT2 case ``case`` under ``root/synthetic_truth/``.
+
+    ``case`` is a case name (``crossmoda_<centre>_<id>``) or the file name of its hrT2
+    (``..._hrT2.nii.gz``). ``root`` is a dataset folder or stage 01's output; only a synthetic cohort
+    has such a folder, so callers check that the file exists.
+    """
+    case = Path(case).name.removesuffix(".nii.gz").removesuffix("_hrT2")
+    return Path(root) / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz"
+
+
 def iter_split(root: Path | str, split: str) -> Iterable[tuple[str, Path]]:
     """Yield ``(case, image path)`` of one split's images in name order."""
     modality = SPLITS[split]

@@ -273,7 +273,6 @@ def preprocess_dataset(data_dir: Path | str, out_dir: Path | str, cfg: Preproces
             return pd.read_csv(out_dir / "cases.csv")
     report = cio.validate_dataset(data_dir)
     report.raise_if_errors()
-    truth_dir = data_dir / "synthetic_truth"
     jobs = []
     for split, sub in STAGE_SPLITS.items():
         for case, path in cio.iter_split(data_dir, split):
@@ -282,12 +281,12 @@ def preprocess_dataset(data_dir: Path | str, out_dir: Path | str, cfg: Preproces
     for split, sub, case, path in tqdm(jobs, desc="01 preprocess", disable=not progress):
         image = sitk.ReadImage(str(path))
         modality = cio.SPLITS[split]
-        label_path = path.parent / f"{case}_Label.nii.gz" if split == "training_source" else truth_dir / f"{case}_hrT2_Label.nii.gz"
+        label_path = path.parent / f"{case}_Label.nii.gz" if split == "training_source" else cio.truth_label_path(data_dir, case)
         label = sitk.ReadImage(str(label_path)) if label_path.exists() else None
         out, out_label, info = preprocess_image(image, label, cfg)
         cio.write_image(out, out_dir / sub / f"{case}_{modality}.nii.gz")
         if out_label is not None:
-            dest = out_dir / sub / f"{case}_Label.nii.gz" if split == "training_source" else out_dir / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz"
+            dest = out_dir / sub / f"{case}_Label.nii.gz" if split == "training_source" else cio.truth_label_path(out_dir, case)
             cio.write_image(out_label, dest)
         rows.append(
             {

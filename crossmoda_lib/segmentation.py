@@ -734,7 +734,7 @@ def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[
             continue
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[0]))).astype(np.float32)
         label = predict_label(image, vs, cochlea)
-        truth_path = stage01 / "synthetic_truth" / paths[0].name.replace("_hrT2", "_hrT2_Label")
+        truth_path = cio.truth_label_path(stage01, paths[0].name)
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) if truth_path.exists() else None
         area = (truth == 1).sum(axis=(1, 2)) if truth is not None and (truth == 1).any() else (label == 1).sum(axis=(1, 2))
         z = int(area.argmax())

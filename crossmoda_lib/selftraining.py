@@ -77,10 +77,6 @@ def teacher_dirs(stage06: Path | str, root: Path | str, k: int) -> dict[str, Pat
     return {s: base / s for s in seg.STRUCTURES}
 
 
-def truth_path(data_dir: Path | str, case: str) -> Path:
-    return Path(data_dir) / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz"
-
-
 def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[str, Path], out: Path, spacing_xyz: tuple[float, float, float], *, keep_largest_vs: bool = True, progress: bool = True) -> tuple[list[seg.Pair], pd.DataFrame]:
     """Pseudo-label every ``training_target`` hrT2 on the crop at ``spacing_xyz``.
 
@@ -113,7 +109,7 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
             cio.write_image(label, label_path)
         pseudo = sitk.GetArrayFromImage(label)
         row = {"case": case, "centre": cio.centre_of(case), "vs_mm3": float((pseudo == 1).sum() * np.prod(grid.spacing)), "cochlea_mm3": float((pseudo == 2).sum() * np.prod(grid.spacing))}
-        truth_file = truth_path(data_dir, case)
+        truth_file = cio.truth_label_path(data_dir, case)
         if truth_file.exists():
             truth = sitk.GetArrayFromImage(inf.resample_image(sitk.ReadImage(str(truth_file)), grid, label=True))
             for name, value in seg.STRUCTURES.items():
@@ -202,7 +198,7 @@ def round_overlays(data_dir: Path | str, stage01: Path | str, root: Path | str, 
         ref = sitk.ReadImage(str(stage01 / "target" / f"{case}_hrT2.nii.gz"))
         grid = pp.lattice_of(ref)
         labels = []
-        truth_file = truth_path(data_dir, case)
+        truth_file = cio.truth_label_path(data_dir, case)
         if truth_file.exists():
             labels.append(("truth", sitk.GetArrayFromImage(inf.resample_image(sitk.ReadImage(str(truth_file)), grid, label=True))))
         for k in range(1, rounds + 1):

@@ -620,7 +620,7 @@ def _write_case(task: tuple) -> dict:
     if split == "training_source":
         label_path = root / split / f"{name}_Label.nii.gz"
     else:
-        label_path = root / "synthetic_truth" / f"{name}_hrT2_Label.nii.gz"
+        label_path = cio.truth_label_path(root, name)
     cio.write_image(label, label_path)
     facts["image"] = image_path.relative_to(root).as_posix()
     facts["label"] = label_path.relative_to(root).as_posix()

@@ -652,7 +652,7 @@ def cycle_examples(stage01: Path | str, checkpoint: Path | str) -> list[tuple[st
             rec = translate_array(g_b, fake, cfg.image_size)
             rows.append((f"{centre} ceT1\n{src[0].name.split('_ceT1')[0]}", [("ceT1", x[0]), ("pseudo-hrT2 = G_A(ceT1)", fake[0]), ("G_B(G_A(ceT1))", rec[0])]))
         if val:
-            truth = stage01 / "synthetic_truth" / val[0].name.replace("_hrT2", "_hrT2_Label")
+            truth = cio.truth_label_path(stage01, val[0].name)
             z = vs_slice(truth) if truth.exists() else sitk.ReadImage(str(val[0])).GetSize()[2] // 2
             x = _slice(val[0], z)[None]
             fake = translate_array(g_b, x, cfg.image_size)
@@ -675,7 +675,7 @@ def comparison_rows(stage01: Path | str, stage03: Path | str) -> list[tuple[str,
         z = vs_slice(src[0].parent / f"{case}_Label.nii.gz")
         panels = [("ceT1", _slice(src[0], z)), ("pseudo-hrT2", _slice(stage03 / "pseudo_hrT2" / f"{case}_pseudoT2.nii.gz", z)), ("Van Cittert", _slice(stage03 / "pseudo_hrT2_vc" / f"{case}_pseudoT2.nii.gz", z))]
         if tgt:
-            truth = stage01 / "synthetic_truth" / tgt[0].name.replace("_hrT2", "_hrT2_Label")
+            truth = cio.truth_label_path(stage01, tgt[0].name)
             zt = vs_slice(truth) if truth.exists() else sitk.ReadImage(str(tgt[0])).GetSize()[2] // 2
             panels.append((f"real hrT2 ({tgt[0].name.split('_hrT2')[0]})", _slice(tgt[0], zt)))
         rows.append((f"{centre}\n{case}", panels))

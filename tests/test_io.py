@@ -58,6 +58,19 @@ def test_valid_cohort_passes_with_expected_warnings_only(cohort):
     assert "training_source: 6 ceT1" in text and "London: 3 case(s)" in text and "0 error(s)" in text
 
 
+def test_every_generated_hrt2_has_its_truth_at_the_helpers_path(cohort):
+    """The one helper that names a ground truth finds the label of every hrT2 the generator wrote,
+    from the case name or from the image's file name, with the image's geometry."""
+    hrt2 = [(case, path) for split in ("training_target", "validation") for case, path in cio.iter_split(cohort, split)]
+    assert hrt2
+    for case, path in hrt2:
+        truth = cio.truth_label_path(cohort, case)
+        assert truth == cio.truth_label_path(cohort, path.name) == cohort / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz"
+        assert truth.exists(), truth
+        assert cio.geometry_mismatch(sitk.ReadImage(str(path)), sitk.ReadImage(str(truth))) is None
+    assert {p.name for p in (cohort / "synthetic_truth").iterdir()} == {cio.truth_label_path(cohort, c).name for c, _ in hrt2}
+
+
 def test_simpleitk_reads_a_truncated_gzip_silently(cohort, tmp_path):
     """Why the gzip stream is checked by hand: SimpleITK returns zeros for the missing part."""
     data = (cohort / SRC).read_bytes()
