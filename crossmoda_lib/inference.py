@@ -145,11 +145,12 @@ def label_image(array: np.ndarray, grid: pp.Lattice | sitk.Image) -> sitk.Image:
     return out
 
 
-def segment(original: sitk.Image, vs: Ensemble, cochlea: Ensemble, pre: pp.PreprocessConfig, grids: list[pp.Lattice | sitk.Image] | None = None, *, keep_largest_vs: bool = True) -> list[sitk.Image]:
-    """Label images of one original hrT2 on each of ``grids`` (default: the original grid only)."""
+def segment(original: sitk.Image, vs: Ensemble, cochlea: Ensemble, pre: pp.PreprocessConfig, grids: list[pp.Lattice | sitk.Image] | None = None, *, keep_largest_vs: bool = True, cochlea_components: int = 0) -> list[sitk.Image]:
+    """Label images of one original hrT2 on each of ``grids`` (default: the original grid only);
+    post-processing as :func:`compose_label`."""
     grids = grids or [original]
     p_vs, p_co = probability(original, vs, pre), probability(original, cochlea, pre)
-    return [label_image(compose_label(probability_on(p_vs, g), probability_on(p_co, g), keep_largest_vs), g) for g in grids]
+    return [label_image(compose_label(probability_on(p_vs, g), probability_on(p_co, g), keep_largest_vs, cochlea_components), g) for g in grids]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +167,15 @@ class Bundle:
     cochlea: Ensemble
     keep_largest_vs: bool = True
     info: dict = field(default_factory=dict)
+    cochlea_components: int = 0
 
 
-def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: Path | str, cochlea_dir: Path | str, *, cochlea_sharpen: Sharpening | None, keep_largest_vs: bool = True, extra: dict | None = None) -> Path:
+def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: Path | str, cochlea_dir: Path | str, *, cochlea_sharpen: Sharpening | None, keep_largest_vs: bool = True, cochlea_components: int = 0, extra: dict | None = None) -> Path:
     """Write ``inference.json`` into ``out_dir``; model folders are stored relative to it."""
     import os
 
+    if isinstance(cochlea_components, bool) or not isinstance(cochlea_components, int) or cochlea_components < 0:
+        raise ValueError(f"cochlea_components must be an integer >= 0 (0 keeps every component), not {cochlea_components!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -180,6 +184,7 @@ def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: P
         "cochlea": os.path.relpath(Path(cochlea_dir).resolve(), out_dir.resolve()),
         "cochlea_sharpen": None if cochlea_sharpen is None else asdict(cochlea_sharpen),
         "keep_largest_vs": keep_largest_vs,
+        "cochlea_components": int(cochlea_components),
         **(extra or {}),
     }
     return cio.write_text_atomic(out_dir / BUNDLE_FILE, json.dumps(payload, indent=2) + "\n")
@@ -213,7 +218,7 @@ def load_bundle(models_dir: Path | str, payload: dict | None = None) -> Bundle:
     sharpen = None if sharp is None else Sharpening(tuple(sharp["psf_mm"]), int(sharp["iterations"]), sharp.get("psf_is", "fwhm"), float(sharp.get("beta", 1.0)))
     vs = load_structure(models_dir / payload["vs"], "vs")
     cochlea = load_structure(models_dir / payload["cochlea"], "cochlea", sharpen)
-    return Bundle(preprocess, vs, cochlea, bool(payload.get("keep_largest_vs", True)), payload)
+    return Bundle(preprocess, vs, cochlea, bool(payload.get("keep_largest_vs", True)), payload, int(payload.get("cochlea_components", 0)))
 
 
 def label_name(image_name: str) -> str:
@@ -284,7 +289,7 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
             continue
         t0 = time.perf_counter()
         original = sitk.ReadImage(str(path))
-        (label,) = segment(original, bundle.vs, bundle.cochlea, bundle.preprocess, keep_largest_vs=bundle.keep_largest_vs)
+        (label,) = segment(original, bundle.vs, bundle.cochlea, bundle.preprocess, keep_largest_vs=bundle.keep_largest_vs, cochlea_components=bundle.cochlea_components)
         cio.write_image(label, target)
         arr = sitk.GetArrayViewFromImage(label)
         rows.append({"image": path.name, "label": target.name, "seconds": round(time.perf_counter() - t0, 2), "status": "written", "vs_voxels": int((arr == 1).sum()), "cochlea_voxels": int((arr == 2).sum())})

@@ -467,16 +467,24 @@ def predict_mask(nets, image: np.ndarray, cfg: SegConfig) -> np.ndarray:
     return (predict_probabilities(nets, image, cfg) > 0.5).astype(np.uint8)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep exactly the largest 3D connected component (6-connectivity); empty stays empty."""
+def largest_components(mask: np.ndarray, n: int) -> np.ndarray:
+    """Keep the ``n`` largest 3D connected components (6-connectivity; equal sizes: the first in
+    scan order); fewer stay as they are, empty stays empty."""
     from scipy import ndimage
 
-    comps, n = ndimage.label(mask > 0)
-    if n <= 1:
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    comps, found = ndimage.label(mask > 0)
+    if found <= n:
         return (mask > 0).astype(np.uint8)
-    sizes = np.bincount(comps.ravel())
-    sizes[0] = 0
-    return (comps == sizes.argmax()).astype(np.uint8)
+    sizes = np.bincount(comps.ravel())[1:]
+    keep = np.argsort(-sizes, kind="stable")[:n] + 1
+    return np.isin(comps, keep).astype(np.uint8)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep exactly the largest 3D connected component (6-connectivity); empty stays empty."""
+    return largest_components(mask, 1)
 
 
 def kfold(names: list[str], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -703,14 +711,19 @@ def load_ensemble(model_dir: Path | str) -> tuple[list[torch.nn.Module], SegConf
     return nets, cfg, manifest
 
 
-def compose_label(p_vs: np.ndarray, p_cochlea: np.ndarray, keep_largest_vs: bool = True) -> np.ndarray:
+def compose_label(p_vs: np.ndarray, p_cochlea: np.ndarray, keep_largest_vs: bool = True, cochlea_components: int = 0) -> np.ndarray:
     """crossMoDA label (0, 1 VS, 2 cochlea) from two probability maps thresholded at 0.5; the VS keeps
-    its largest component (the paper, for every VS model); cochlea is written over VS."""
+    its largest component (the paper, for every VS model); the cochlea keeps its
+    ``cochlea_components`` largest components (0: all, the paper; 2: one per ear, not in the paper);
+    cochlea is written over VS."""
     vs = (p_vs > 0.5).astype(np.uint8)
     if keep_largest_vs:
         vs = largest_component(vs)
+    cochlea = p_cochlea > 0.5
+    if cochlea_components:
+        cochlea = largest_components(cochlea, cochlea_components).astype(bool)
     label = vs.copy()
-    label[p_cochlea > 0.5] = 2
+    label[cochlea] = 2
     return label
 
 

@@ -93,6 +93,21 @@ def test_predictions_have_the_input_geometry_and_crossmoda_values(tmp_path, coho
     assert {r["status"] for r in changed} == {"written"}
 
 
+def test_bundle_records_the_cochlea_post_processing(tmp_path):
+    for structure in ("vs", "cochlea"):
+        (tmp_path / "models" / structure).mkdir(parents=True)
+        (tmp_path / "models" / structure / "manifest.json").write_text("{}")
+    models = (tmp_path / "models" / "vs", tmp_path / "models" / "cochlea")
+    inference.write_bundle(tmp_path / "b", PRE, *models, cochlea_sharpen=None)
+    assert inference.read_bundle_file(tmp_path / "b")["cochlea_components"] == 0  # the paper's default
+    inference.write_bundle(tmp_path / "b", PRE, *models, cochlea_sharpen=None, cochlea_components=2)
+    assert inference.read_bundle_file(tmp_path / "b")["cochlea_components"] == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cochlea_components"):
+            inference.write_bundle(tmp_path / "c", PRE, *models, cochlea_sharpen=None, cochlea_components=bad)
+    assert not (tmp_path / "c").exists()
+
+
 def test_label_names_follow_the_submission_convention():
     assert inference.label_name("crossmoda2022_etz_105_hrT2.nii.gz") == "crossmoda2022_etz_105_Label.nii.gz"
     assert inference.label_name("scan.nii.gz") == "scan_Label.nii.gz"

@@ -95,6 +95,26 @@ def test_largest_component_keeps_exactly_the_largest():
     assert seg.largest_component(np.zeros((3, 3, 3))).sum() == 0
 
 
+def test_largest_components_keeps_the_n_largest_and_only_the_cochlea_option_uses_it():
+    mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    mask[1:3, 1:3, 1:3] = 1  # 8 voxels
+    mask[5:8, 5:8, 5:8] = 1  # 27
+    mask[10:14, 10:14, 10:14] = 1  # 64
+    mask[16:18, 16:18, 16:19] = 1  # 12
+    comps, _ = ndimage.label(mask)
+    two = (comps == comps[12, 12, 12]) | (comps == comps[6, 6, 6])
+    assert np.array_equal(seg.largest_components(mask, 2).astype(bool), two)
+    assert np.array_equal(seg.largest_components(mask, 4), mask)
+    assert np.array_equal(seg.largest_components(mask, 1), seg.largest_component(mask))
+    with pytest.raises(ValueError, match="at least 1"):
+        seg.largest_components(mask, 0)
+    p = mask.astype(np.float32) * 0.9
+    none = np.zeros_like(p)
+    assert np.array_equal(seg.compose_label(none, p) == 2, mask.astype(bool))  # the paper: every cochlea component
+    assert np.array_equal(seg.compose_label(none, p, cochlea_components=2) == 2, two)
+    assert np.array_equal(seg.compose_label(p, none, keep_largest_vs=False, cochlea_components=1) == 1, mask.astype(bool))
+
+
 def test_sliding_window_prediction_shape_and_values(tmp_path):
     cases = _toy_cases(1)
     cfg = seg.SegConfig(**{**TOY.__dict__, "mirror_tta": True})
