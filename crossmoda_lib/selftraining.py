@@ -47,6 +47,9 @@ class SelfTrainingConfig:
         final_patch_size: (z, y, x) patch of the last round (None: stage 06's).
         folds: ensemble folds per round (paper 5).
         cochlea_clip_percentile: real hrT2 clipped at this percentile for the cochlea (paper 95).
+        cochlea_components: the cochlea pseudo-labels keep their this-many largest components (0:
+            all, the paper; 2: one per ear, not in the paper), as ``compose_label``. The VS keeps
+            its largest, as the paper does for every VS model.
     """
 
     rounds: int = 3
@@ -56,10 +59,13 @@ class SelfTrainingConfig:
     final_patch_size: tuple[int, int, int] | None = None
     folds: int = 5
     cochlea_clip_percentile: float | None = 95.0
+    cochlea_components: int = 0
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError(f"rounds must be 0 (no self-training: stage 06's models are final) or more, not {self.rounds}")
+        if isinstance(self.cochlea_components, bool) or not isinstance(self.cochlea_components, int) or self.cochlea_components < 0:
+            raise ValueError(f"cochlea_components must be an integer >= 0 (0 keeps every component), not {self.cochlea_components!r}")
 
 
 def preprocess_settings(stage01: Path | str) -> pp.PreprocessConfig:
@@ -77,7 +83,7 @@ def teacher_dirs(stage06: Path | str, root: Path | str, k: int) -> dict[str, Pat
     return {s: base / s for s in seg.STRUCTURES}
 
 
-def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[str, Path], out: Path, spacing_xyz: tuple[float, float, float], *, keep_largest_vs: bool = True, progress: bool = True) -> tuple[list[seg.Pair], pd.DataFrame]:
+def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[str, Path], out: Path, spacing_xyz: tuple[float, float, float], *, keep_largest_vs: bool = True, cochlea_components: int = 0, progress: bool = True) -> tuple[list[seg.Pair], pd.DataFrame]:
     """Pseudo-label every ``training_target`` hrT2 on the crop at ``spacing_xyz``.
 
     Returns:
@@ -105,7 +111,7 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
         else:
             if ensembles is None:
                 ensembles = {s: inf.load_structure(d, s) for s, d in teacher.items()}
-            (label,) = inf.segment(original, ensembles["vs"], ensembles["cochlea"], pre, [grid], keep_largest_vs=keep_largest_vs)
+            (label,) = inf.segment(original, ensembles["vs"], ensembles["cochlea"], pre, [grid], keep_largest_vs=keep_largest_vs, cochlea_components=cochlea_components)
             cio.write_image(label, label_path)
         pseudo = sitk.GetArrayFromImage(label)
         row = {"case": case, "centre": cio.centre_of(case), "vs_mm3": float((pseudo == 1).sum() * np.prod(grid.spacing)), "cochlea_mm3": float((pseudo == 2).sum() * np.prod(grid.spacing))}
@@ -127,7 +133,8 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     settings_record = json.loads(json.dumps(asdict(cfg)))  # as stored: tuples become lists
     if manifest_path.exists():
         done = json.loads(manifest_path.read_text())
-        if done["settings"] != settings_record:
+        defaults = json.loads(json.dumps(asdict(SelfTrainingConfig())))  # settings added since take their default
+        if {k: done["settings"].get(k, defaults[k]) for k in defaults} != settings_record:
             raise ValueError(f"{out}: this round was made with other self-training settings; delete {out.parent} (or use another output_dir) to redo it")
         return done
     t0 = time.perf_counter()
@@ -135,7 +142,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     pre = preprocess_settings(stage01)
     spacing = tuple(cfg.final_spacing) if final else pre.spacing
     teacher = teacher_dirs(stage06, root, k)
-    real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, progress=progress)
+    real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, cochlea_components=cfg.cochlea_components, progress=progress)
     cio.write_text_atomic(out / "pseudo_label_dice.csv", dice.assign(round=k).to_csv(index=False))
     jobs = []
     for structure in seg.STRUCTURES:

@@ -1,0 +1,34 @@
+"""Stage 07's settings and its resume rule (the rounds themselves run in the smoke notebook tests)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+
+from crossmoda_lib import selftraining
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="rounds"):
+        selftraining.SelfTrainingConfig(rounds=-1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cochlea_components"):
+            selftraining.SelfTrainingConfig(cochlea_components=bad)
+    assert selftraining.SelfTrainingConfig().cochlea_components == 0  # the paper: every component
+
+
+def test_a_finished_round_is_reused_only_with_the_same_settings(tmp_path):
+    """A round finished before a setting existed is reused when the setting keeps its default (what
+    the round was made with), and refused, naming the folder, when it does not."""
+    cfg = selftraining.SelfTrainingConfig(rounds=2, round_epochs=3, final_epochs=3, folds=1)
+    out = selftraining.round_dir(tmp_path, 1)
+    out.mkdir(parents=True)
+    older = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "cochlea_components"}
+    (out / "manifest.json").write_text(json.dumps({"settings": older, "round": 1}))
+    missing = tmp_path / "absent"  # nothing else is read for a finished round
+    assert selftraining.run_round(1, cfg, missing, missing, missing, tmp_path, progress=False)["round"] == 1
+    for changed in (replace(cfg, cochlea_components=2), replace(cfg, round_epochs=4)):
+        with pytest.raises(ValueError, match="round_1"):
+            selftraining.run_round(1, changed, missing, missing, missing, tmp_path, progress=False)
