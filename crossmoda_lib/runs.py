@@ -144,6 +144,34 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time in ns) of every file under ``folder``, by relative path. Hard links
+    and ``copy2`` keep both; any rewrite (atomic writes make new files) changes the time."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def stale_reuse(run_dir: Path | str) -> dict[str, str]:
+    """Stages that the run in ``run_dir`` reused (``reuse:``) and whose source has been rewritten
+    since, ``{notebook: why}``; empty when none (or nothing was reused). An ablation whose stages
+    01-05 came from an earlier run of the demo compares two different CycleGAN draws, not one change."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / "run_manifest.json"
+    if not manifest.is_file():
+        return {}
+    stale = {}
+    for stem, source in json.loads(manifest.read_text()).get("reused", {}).items():
+        folder = STAGE_FOLDERS.get(stem, stem)
+        source = Path(source)
+        if not source.is_dir():
+            stale[stem] = f"{source} no longer exists"
+            continue
+        mine, theirs = _fingerprint(run_dir / folder), _fingerprint(source)
+        changed = [name for name, stamp in mine.items() if theirs.get(name) != stamp]
+        if changed:
+            stale[stem] = f"{len(changed)} of its {len(mine)} files were rewritten in {source} since (e.g. {changed[0]})"
+    return stale
+
+
 def _earlier_entries(manifest_path: Path, profile: str, now: set[str]) -> list[dict]:
     """Entries of notebooks run earlier with the same profile and not re-run now (``--only`` runs
     then extend the run's manifest instead of replacing it)."""

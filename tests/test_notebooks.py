@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from crossmoda_lib import config, runs
+from crossmoda_lib import io as cio
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = runs.discover_notebooks(ROOT)
@@ -286,9 +289,32 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
     ablation = (tmp_path / "ablation" / "09_evaluation" / "tables" / "ablations.md").read_text()
     run_names = {line.split("|")[1].strip() for line in ablation.splitlines() if line.startswith("| ")}
     assert {"smoke", "smoke_no_self_training"} <= run_names
+    assert runs.stale_reuse(tmp_path / "ablation") == {}
     # Reuse is refused when the earlier run used other settings.
     profile["notebooks"]["01_preprocess"] = {"centre_percentile": 80.0}
     profile["common"]["output_dir"] = str(tmp_path / "other")
     path.write_text(yaml.safe_dump(profile))
     with pytest.raises(config.ProfileError, match=r"reuse of 01_preprocess .*parameters differ \(\['centre_percentile'\]\)"):
         runs.run_profile(path, progress=False)
+
+
+def test_an_ablation_made_from_stages_re_run_since_is_stale(tmp_path):
+    """Reused stages are hard links of the source run's files; when the source re-runs a stage
+    (atomic writes: new files), the ablation's copy is another run's, and ``stale_reuse`` says so."""
+    source = tmp_path / "demo"
+    for folder, name in (("02_cyclegan", "checkpoint.pt"), ("05_blending", "augmentations.csv")):
+        cio.write_text_atomic(source / folder / name, f"{folder} run 1")
+    ablation = tmp_path / "no_tba"
+    for folder in ("02_cyclegan", "05_blending"):
+        shutil.copytree(source / folder, ablation / folder, copy_function=runs._link_or_copy)
+    reused = {"02_cyclegan": str(source / "02_cyclegan"), "05_tumor_blending": str(source / "05_blending")}
+    (ablation / "run_manifest.json").write_text(json.dumps({"profile": "no_tba", "reused": reused}))
+    assert runs.stale_reuse(ablation) == {}
+    assert runs.stale_reuse(tmp_path / "never_run") == {}
+    time.sleep(0.01)
+    cio.write_text_atomic(source / "05_blending" / "augmentations.csv", "05_blending run 2")
+    stale = runs.stale_reuse(ablation)
+    assert list(stale) == ["05_tumor_blending"] and "augmentations.csv" in stale["05_tumor_blending"]
+    assert (ablation / "05_blending" / "augmentations.csv").read_text() == "05_blending run 1"  # the ablation's copy is untouched
+    shutil.rmtree(source / "02_cyclegan")
+    assert "no longer exists" in runs.stale_reuse(ablation)["02_cyclegan"]
