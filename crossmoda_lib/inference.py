@@ -174,8 +174,7 @@ def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: P
     """Write ``inference.json`` into ``out_dir``; model folders are stored relative to it."""
     import os
 
-    if isinstance(cochlea_components, bool) or not isinstance(cochlea_components, int) or cochlea_components < 0:
-        raise ValueError(f"cochlea_components must be an integer >= 0 (0 keeps every component), not {cochlea_components!r}")
+    seg.check_component_count(cochlea_components)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -202,6 +201,10 @@ def read_bundle_file(models_dir: Path | str) -> dict:
     missing = [k for k in ("preprocess", "vs", "cochlea") if k not in payload]
     if missing:
         raise cio.DataError(f"{path}: lacks {missing}")
+    try:
+        seg.check_component_count(payload.get("cochlea_components", 0))
+    except ValueError as exc:
+        raise cio.DataError(f"{path}: {exc}") from exc
     for key in ("vs", "cochlea"):
         folder = (path.parent / payload[key]).resolve()
         if not (folder / "manifest.json").is_file():
@@ -218,7 +221,7 @@ def load_bundle(models_dir: Path | str, payload: dict | None = None) -> Bundle:
     sharpen = None if sharp is None else Sharpening(tuple(sharp["psf_mm"]), int(sharp["iterations"]), sharp.get("psf_is", "fwhm"), float(sharp.get("beta", 1.0)))
     vs = load_structure(models_dir / payload["vs"], "vs")
     cochlea = load_structure(models_dir / payload["cochlea"], "cochlea", sharpen)
-    return Bundle(preprocess, vs, cochlea, bool(payload.get("keep_largest_vs", True)), payload, int(payload.get("cochlea_components", 0)))
+    return Bundle(preprocess, vs, cochlea, bool(payload.get("keep_largest_vs", True)), payload, payload.get("cochlea_components", 0))
 
 
 def label_name(image_name: str) -> str:

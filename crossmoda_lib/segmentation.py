@@ -482,6 +482,14 @@ def largest_components(mask: np.ndarray, n: int) -> np.ndarray:
     return np.isin(comps, keep).astype(np.uint8)
 
 
+def check_component_count(value, name: str = "cochlea_components") -> int:
+    """``value`` if it is a component count (an integer >= 0, 0 keeping every component), else a
+    ValueError that names the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0 keeps every component), not {value!r}")
+    return value
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep exactly the largest 3D connected component (6-connectivity); empty stays empty."""
     return largest_components(mask, 1)

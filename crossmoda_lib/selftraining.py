@@ -64,8 +64,7 @@ class SelfTrainingConfig:
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError(f"rounds must be 0 (no self-training: stage 06's models are final) or more, not {self.rounds}")
-        if isinstance(self.cochlea_components, bool) or not isinstance(self.cochlea_components, int) or self.cochlea_components < 0:
-            raise ValueError(f"cochlea_components must be an integer >= 0 (0 keeps every component), not {self.cochlea_components!r}")
+        seg.check_component_count(self.cochlea_components)
 
 
 def preprocess_settings(stage01: Path | str) -> pp.PreprocessConfig:

@@ -106,6 +106,10 @@ def test_bundle_records_the_cochlea_post_processing(tmp_path):
         with pytest.raises(ValueError, match="cochlea_components"):
             inference.write_bundle(tmp_path / "c", PRE, *models, cochlea_sharpen=None, cochlea_components=bad)
     assert not (tmp_path / "c").exists()
+    payload = json.loads((tmp_path / "b" / "inference.json").read_text())
+    (tmp_path / "b" / "inference.json").write_text(json.dumps({**payload, "cochlea_components": "2"}))  # edited by hand
+    with pytest.raises(cio.DataError, match=r"inference.json: cochlea_components"):
+        inference.read_bundle_file(tmp_path / "b")
 
 
 def test_label_names_follow_the_submission_convention():
