@@ -183,7 +183,7 @@ def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: P
         "cochlea": os.path.relpath(Path(cochlea_dir).resolve(), out_dir.resolve()),
         "cochlea_sharpen": None if cochlea_sharpen is None else asdict(cochlea_sharpen),
         "keep_largest_vs": keep_largest_vs,
-        "cochlea_components": int(cochlea_components),
+        "cochlea_components": cochlea_components,
         **(extra or {}),
     }
     return cio.write_text_atomic(out_dir / BUNDLE_FILE, json.dumps(payload, indent=2) + "\n")

@@ -133,7 +133,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     if manifest_path.exists():
         done = json.loads(manifest_path.read_text())
         defaults = json.loads(json.dumps(asdict(SelfTrainingConfig())))  # settings added since take their default
-        if {k: done["settings"].get(k, defaults[k]) for k in defaults} != settings_record:
+        if {**defaults, **done["settings"]} != settings_record:
             raise ValueError(f"{out}: this round was made with other self-training settings; delete {out.parent} (or use another output_dir) to redo it")
         return done
     t0 = time.perf_counter()

@@ -32,3 +32,6 @@ def test_a_finished_round_is_reused_only_with_the_same_settings(tmp_path):
     for changed in (replace(cfg, cochlea_components=2), replace(cfg, round_epochs=4)):
         with pytest.raises(ValueError, match="round_1"):
             selftraining.run_round(1, changed, missing, missing, missing, tmp_path, progress=False)
+    (out / "manifest.json").write_text(json.dumps({"settings": {**older, "a_setting_this_version_lacks": 1}, "round": 1}))
+    with pytest.raises(ValueError, match="round_1"):  # only missing settings take their default
+        selftraining.run_round(1, cfg, missing, missing, missing, tmp_path, progress=False)
