@@ -119,6 +119,11 @@ class SegConfig:
         momentum: SGD Nesterov momentum (0.99; unused by Adam).
         weight_decay: 3e-5.
         fg_fraction: fraction of each batch centred on foreground (nnU-Net 0.33).
+        fg_jitter: where the foreground voxel of such a patch lies: the centre plus a uniform offset
+            of up to this fraction of half the patch along each axis (0: at the centre, as nnU-Net
+            samples; 1: anywhere in the patch). With few training volumes, centred patches teach
+            the network that the structure sits at the patch centre, and sliding-window inference
+            then marks false regions at window centres (README, stage 06).
         elastic: elastic deformation in the augmentation (nnU-Net: off for 3d_fullres).
         augment: apply the augmentation.
         overlap: sliding-window overlap (0.5).
@@ -141,6 +146,7 @@ class SegConfig:
     momentum: float = 0.99
     weight_decay: float = 3e-5
     fg_fraction: float = 0.33
+    fg_jitter: float = 0.0
     elastic: bool = False
     augment: bool = True
     overlap: float = 0.5
@@ -239,10 +245,13 @@ def load_case(image_path: Path | str, label_path: Path | str, value: int, clip_p
 class PatchSampler:
     """nnU-Net-style patch sampling with its own generator (whose state is checkpointed)."""
 
-    def __init__(self, cases: list[Case], patch: tuple[int, ...], fg_fraction: float, seed: int) -> None:
+    def __init__(self, cases: list[Case], patch: tuple[int, ...], fg_fraction: float, seed: int, fg_jitter: float = 0.0) -> None:
+        if not 0.0 <= fg_jitter <= 1.0:
+            raise ValueError(f"fg_jitter must lie in [0, 1], not {fg_jitter}")
         self.cases = cases
         self.patch = np.array(patch)
         self.fg_fraction = fg_fraction
+        self.fg_jitter = fg_jitter
         self.rng = np.random.default_rng(seed)
 
     def _one(self, case: Case, force_fg: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -250,6 +259,9 @@ class PatchSampler:
         half = self.patch // 2
         if force_fg and len(case.foreground):
             centre = case.foreground[self.rng.integers(len(case.foreground))]
+            if self.fg_jitter > 0:
+                reach = (self.fg_jitter * (half - 1)).astype(int)  # the voxel stays inside the patch
+                centre = centre + np.array([self.rng.integers(-r, r + 1) for r in reach])
         else:
             centre = np.array([self.rng.integers(0, s) for s in shape])
         start = centre - half
@@ -359,14 +371,16 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     plan = cfg.plan
     net = build_network(cfg)
     opt = make_optimizer(net, cfg)
-    sampler = PatchSampler(cases, plan.patch_size, cfg.fg_fraction, cfg.seed + 1)
+    sampler = PatchSampler(cases, plan.patch_size, cfg.fg_fraction, cfg.seed + 1, cfg.fg_jitter)
     augment = augmentation(cfg)
     loss_fn = make_loss()
     epoch, history, finished = 0, [], False
     key = {"config": cfg.as_dict(), "cases": [c.name for c in cases]}
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if saved["key"] != key:
+        # A checkpoint written before a setting existed holds that setting's default.
+        saved_key = {**saved["key"], "config": {**SegConfig().as_dict(), **saved["key"]["config"]}}
+        if saved_key != key:
             raise ValueError(f"{ckpt_path}: checkpoint was made with other settings or cases; delete it or use another folder")
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["opt"])

@@ -74,6 +74,16 @@ def test_short_training_lowers_the_loss_and_resume_is_exact(tmp_path):
     assert cfg == TOY
     with pytest.raises(ValueError, match="other settings"):
         seg.train(cases, [], seg.SegConfig(**{**TOY.__dict__, "epochs": 7}), tmp_path / "straight", progress=False)
+    # A checkpoint from before a setting existed is reused when this run keeps its default ...
+    ckpt = tmp_path / "straight" / "checkpoint.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["key"]["config"]["fg_jitter"]
+    torch.save(saved, ckpt)
+    again, _ = seg.train(cases, cases[:1], TOY, tmp_path / "straight", progress=False)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
+    # ... and refused when it does not.
+    with pytest.raises(ValueError, match="other settings"):
+        seg.train(cases, cases[:1], seg.SegConfig(**{**TOY.__dict__, "fg_jitter": 0.5}), tmp_path / "straight", progress=False)
 
 
 def test_patches_oversample_foreground():
@@ -81,6 +91,36 @@ def test_patches_oversample_foreground():
     sampler = seg.PatchSampler(cases, (8, 8, 8), fg_fraction=0.33, seed=0)
     hits = [tg[-1].any() for tg in (sampler.batch(3)[1] for _ in range(50))]
     assert all(hits)  # the last third of each batch is centred on foreground
+
+
+def _single_voxel_case() -> seg.Case:
+    target = np.zeros((40, 40, 40), dtype=np.uint8)
+    target[20, 17, 23] = 1
+    return seg.Case("dot", np.zeros(target.shape, dtype=np.float32), target)
+
+
+def test_fg_jitter_moves_the_foreground_voxel_within_the_patch():
+    patch = (8, 12, 16)
+    centred = seg.PatchSampler([_single_voxel_case()], patch, fg_fraction=1.0, seed=0)
+    spread = seg.PatchSampler([_single_voxel_case()], patch, fg_fraction=1.0, seed=0, fg_jitter=1.0)
+    half = seg.PatchSampler([_single_voxel_case()], patch, fg_fraction=1.0, seed=0, fg_jitter=0.5)
+    where = {}
+    for name, sampler in (("centred", centred), ("spread", spread), ("half", half)):
+        spots = []
+        for _ in range(300):
+            target = sampler.batch(1)[1][0, 0]
+            assert target.sum() == 1, name  # the voxel is always inside the patch
+            spots.append(np.argwhere(target)[0])
+        where[name] = np.array(spots)
+    # nnU-Net: the voxel at the patch centre (index size // 2), every time.
+    assert (where["centred"] == np.array(patch) // 2).all()
+    # Jitter 1: every position from 1 to size - 1 along each axis; 0.5: within half of that reach.
+    for axis, size in enumerate(patch):
+        assert where["spread"][:, axis].min() == 1 and where["spread"][:, axis].max() == size - 1
+        reach = int(0.5 * (size // 2 - 1))
+        assert np.abs(where["half"][:, axis] - size // 2).max() == reach
+    with pytest.raises(ValueError, match="fg_jitter"):
+        seg.PatchSampler([_single_voxel_case()], patch, fg_fraction=1.0, seed=0, fg_jitter=1.5)
 
 
 def test_largest_component_keeps_exactly_the_largest():
