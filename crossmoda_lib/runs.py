@@ -172,6 +172,34 @@ def stale_reuse(run_dir: Path | str) -> dict[str, str]:
     return stale
 
 
+def outdated_parameters(run_dir: Path | str) -> dict[str, list[str]]:
+    """Notebooks that the run in ``run_dir`` executed with parameters its profile file no longer
+    gives, ``{notebook: [keys]}`` (paths aside); empty when none, or when the run or its profile file
+    is gone. An ablation run before a change of the demo profile that it extends compares two
+    settings of that change as well as its own, not one change."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "run_manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    profile_file = config.resolve_path(manifest.get("profile_file", ""), config.project_root()) if manifest.get("profile_file") else None
+    if profile_file is None or not profile_file.is_file():
+        return {}
+    profile = config.load_profile(profile_file)
+    by_stem = {nb.stem: nb for nb in discover_notebooks()}
+    outdated = {}
+    for entry in manifest.get("notebooks", []):
+        stem = Path(entry["notebook"]).stem
+        if entry.get("status") != "ok" or stem not in by_stem:
+            continue
+        now = {k: v for k, v in config.notebook_parameters(profile, stem, declared_parameters(by_stem[stem])).items() if k not in PATH_KEYS}
+        then = {k: v for k, v in entry["parameters"].items() if k not in PATH_KEYS}
+        keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        if keys:
+            outdated[stem] = keys
+    return outdated
+
+
 def _earlier_entries(manifest_path: Path, profile: str, now: set[str]) -> list[dict]:
     """Entries of notebooks run earlier with the same profile and not re-run now (``--only`` runs
     then extend the run's manifest instead of replacing it)."""

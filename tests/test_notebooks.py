@@ -318,3 +318,32 @@ def test_an_ablation_made_from_stages_re_run_since_is_stale(tmp_path):
     assert (ablation / "05_blending" / "augmentations.csv").read_text() == "05_blending run 1"  # the ablation's copy is untouched
     shutil.rmtree(source / "02_cyclegan")
     assert "no longer exists" in runs.stale_reuse(ablation)["02_cyclegan"]
+
+
+def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(tmp_path):
+    """``outdated_parameters`` compares the parameters a run recorded with what its profile file
+    gives now: a change of the profile it extends makes the run's comparison two changes, not one."""
+    smoke = yaml.safe_load((config.project_root() / "params" / "smoke.yaml").read_text())
+    base = tmp_path / "base.yaml"  # the demo profile's role; ablations extend it
+    base.write_text(yaml.safe_dump(smoke))
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text(yaml.safe_dump({"extends": str(base), "notebooks": {"07_self_training": {"rounds": 0}}}))
+    notebooks = {nb.stem: nb for nb in runs.discover_notebooks()}
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def record(profile_file) -> None:
+        profile = config.load_profile(ablation)
+        entries = [{"notebook": f"notebooks/{stem}.ipynb", "status": "ok", "parameters": config.notebook_parameters(profile, stem, runs.declared_parameters(notebooks[stem]))} for stem in ("06_segmentation", "07_self_training")]
+        entries.append({"notebook": "notebooks/08_inference.ipynb", "status": "failed", "parameters": {}})
+        (run / "run_manifest.json").write_text(json.dumps({"profile": "ablation", "profile_file": str(profile_file), "notebooks": entries}))
+
+    record(ablation)
+    assert runs.outdated_parameters(run) == {}
+    # The base profile changes two settings of 06 after the run: the run is outdated there only.
+    smoke["notebooks"]["06_segmentation"].update(vs_fg_jitter=0.2, epochs=3)
+    base.write_text(yaml.safe_dump(smoke))
+    assert runs.outdated_parameters(run) == {"06_segmentation": ["epochs", "vs_fg_jitter"]}
+    record(tmp_path / "gone.yaml")
+    assert runs.outdated_parameters(run) == {}  # the profile file is gone: nothing to compare with
+    assert runs.outdated_parameters(tmp_path / "never_run") == {}
