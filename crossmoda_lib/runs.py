@@ -172,11 +172,12 @@ def stale_reuse(run_dir: Path | str) -> dict[str, str]:
     return stale
 
 
-def outdated_parameters(run_dir: Path | str) -> dict[str, list[str]]:
+def outdated_parameters(run_dir: Path | str, ignore: tuple[str, ...] = ("09_evaluation",)) -> dict[str, list[str]]:
     """Notebooks that the run in ``run_dir`` executed with parameters its profile file no longer
-    gives, ``{notebook: [keys]}`` (paths aside); empty when none, or when the run or its profile file
-    is gone. An ablation run before a change of the demo profile that it extends compares two
-    settings of that change as well as its own, not one change."""
+    gives, ``{notebook: [keys]}`` (paths aside; a key the run did not have counts as changed);
+    empty when none, or when the run or its profile file is gone. An ablation run before a change
+    of the demo profile that it extends compares two changes, not one. ``ignore``: notebooks whose
+    settings do not change the run's predictions (its own evaluation)."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / "run_manifest.json"
     if not manifest_path.is_file():
@@ -190,7 +191,7 @@ def outdated_parameters(run_dir: Path | str) -> dict[str, list[str]]:
     outdated = {}
     for entry in manifest.get("notebooks", []):
         stem = Path(entry["notebook"]).stem
-        if entry.get("status") != "ok" or stem not in by_stem:
+        if entry.get("status") != "ok" or stem not in by_stem or stem in ignore:
             continue
         now = {k: v for k, v in config.notebook_parameters(profile, stem, declared_parameters(by_stem[stem])).items() if k not in PATH_KEYS}
         then = {k: v for k, v in entry["parameters"].items() if k not in PATH_KEYS}

@@ -334,7 +334,7 @@ def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(t
 
     def record(profile_file) -> None:
         profile = config.load_profile(ablation)
-        entries = [{"notebook": f"notebooks/{stem}.ipynb", "status": "ok", "parameters": config.notebook_parameters(profile, stem, runs.declared_parameters(notebooks[stem]))} for stem in ("06_segmentation", "07_self_training")]
+        entries = [{"notebook": f"notebooks/{stem}.ipynb", "status": "ok", "parameters": config.notebook_parameters(profile, stem, runs.declared_parameters(notebooks[stem]))} for stem in ("06_segmentation", "07_self_training", "09_evaluation")]
         entries.append({"notebook": "notebooks/08_inference.ipynb", "status": "failed", "parameters": {}})
         (run / "run_manifest.json").write_text(json.dumps({"profile": "ablation", "profile_file": str(profile_file), "notebooks": entries}))
 
@@ -342,6 +342,7 @@ def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(t
     assert runs.outdated_parameters(run) == {}
     # The base profile changes two settings of 06 after the run: the run is outdated there only.
     smoke["notebooks"]["06_segmentation"].update(vs_fg_jitter=0.2, epochs=3)
+    smoke["notebooks"]["09_evaluation"]["bootstrap"] = 7  # its own evaluation: not a change of the run
     base.write_text(yaml.safe_dump(smoke))
     assert runs.outdated_parameters(run) == {"06_segmentation": ["epochs", "vs_fg_jitter"]}
     record(tmp_path / "gone.yaml")
