@@ -70,7 +70,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     root = config.project_root()
     profile = config.load_profile(profile_path)
     common = profile["common"]
-    available = discover_notebooks(root)
+    available = every = discover_notebooks(root)
     if notebooks:
         by_stem = {p.stem: p for p in available}
         missing = [n for n in notebooks if n not in by_stem]
@@ -101,7 +101,8 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     }
     manifest_path = out_root / "run_manifest.json"
     earlier = _earlier_entries(manifest_path, common["profile"], {nb.name for nb, _ in plan})
-    reused = _reuse_stages(profile, plan, out_root, root)
+    # Reuse is checked against every notebook's parameters: an --only run may reuse stages it does not run.
+    reused = _reuse_stages(profile, [(nb, config.notebook_parameters(profile, nb.stem, declared_parameters(nb))) for nb in every], out_root, root)
     manifest["reused"] = reused
     plan = [(nb, params) for nb, params in plan if nb.stem not in reused]
 

@@ -290,6 +290,10 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
     run_names = {line.split("|")[1].strip() for line in ablation.splitlines() if line.startswith("| ")}
     assert {"smoke", "smoke_no_self_training"} <= run_names
     assert runs.stale_reuse(tmp_path / "ablation") == {}
+    # An --only run checks the reused stages it does not run against the same settings.
+    again = runs.run_profile(path, ["09_evaluation"], progress=False)
+    assert sorted(again["reused"]) == profile["reuse"]["notebooks"]
+    assert [n["notebook"] for n in again["notebooks"]][-1] == "notebooks/09_evaluation.ipynb"
     # Reuse is refused when the earlier run used other settings.
     profile["notebooks"]["01_preprocess"] = {"centre_percentile": 80.0}
     profile["common"]["output_dir"] = str(tmp_path / "other")
