@@ -70,15 +70,17 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     root = config.project_root()
     profile = config.load_profile(profile_path)
     common = profile["common"]
-    available = every = discover_notebooks(root)
+    every = discover_notebooks(root)
+    # Parameters of every notebook: an --only run may reuse stages it does not run, checked as a full run checks them.
+    full_plan = [(nb, config.notebook_parameters(profile, nb.stem, declared_parameters(nb))) for nb in every]
+    plan = full_plan
     if notebooks:
-        by_stem = {p.stem: p for p in available}
+        by_stem = {nb.stem: (nb, params) for nb, params in full_plan}
         missing = [n for n in notebooks if n not in by_stem]
         if missing:
             raise config.ProfileError(f"no notebook(s) {missing} in {root / 'notebooks'}")
-        available = [by_stem[n] for n in notebooks]
-    plan = [(nb, config.notebook_parameters(profile, nb.stem, declared_parameters(nb))) for nb in available]
-    unknown_sections = sorted(set(profile["notebooks"]) - {p.stem for p in discover_notebooks(root)})
+        plan = [by_stem[n] for n in notebooks]
+    unknown_sections = sorted(set(profile["notebooks"]) - {p.stem for p in every})
     if unknown_sections:
         raise config.ProfileError(f"{profile_path}: notebooks section(s) {unknown_sections} match no notebook")
     out_root = config.resolve_path(common["output_dir"], root)
@@ -101,8 +103,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     }
     manifest_path = out_root / "run_manifest.json"
     earlier = _earlier_entries(manifest_path, common["profile"], {nb.name for nb, _ in plan})
-    # Reuse is checked against every notebook's parameters: an --only run may reuse stages it does not run.
-    reused = _reuse_stages(profile, [(nb, config.notebook_parameters(profile, nb.stem, declared_parameters(nb))) for nb in every], out_root, root)
+    reused = _reuse_stages(profile, full_plan, out_root, root)
     manifest["reused"] = reused
     plan = [(nb, params) for nb, params in plan if nb.stem not in reused]
 
@@ -173,6 +174,14 @@ def stale_reuse(run_dir: Path | str) -> dict[str, str]:
     return stale
 
 
+def _differing_keys(mine: dict, theirs: dict) -> list[str]:
+    """Parameter names whose values differ between two runs of a notebook (paths aside; a key only
+    one of them has differs)."""
+    mine = {k: v for k, v in mine.items() if k not in PATH_KEYS}
+    theirs = {k: v for k, v in theirs.items() if k not in PATH_KEYS}
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
+
 def outdated_parameters(run_dir: Path | str, ignore: tuple[str, ...] = ("09_evaluation",)) -> dict[str, list[str]]:
     """Notebooks that the run in ``run_dir`` executed with parameters its profile file no longer
     gives, ``{notebook: [keys]}`` (paths aside; a key the run did not have counts as changed);
@@ -194,9 +203,7 @@ def outdated_parameters(run_dir: Path | str, ignore: tuple[str, ...] = ("09_eval
         stem = Path(entry["notebook"]).stem
         if entry.get("status") != "ok" or stem not in by_stem or stem in ignore:
             continue
-        now = {k: v for k, v in config.notebook_parameters(profile, stem, declared_parameters(by_stem[stem])).items() if k not in PATH_KEYS}
-        then = {k: v for k, v in entry["parameters"].items() if k not in PATH_KEYS}
-        keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        keys = _differing_keys(config.notebook_parameters(profile, stem, declared_parameters(by_stem[stem])), entry["parameters"])
         if keys:
             outdated[stem] = keys
     return outdated
@@ -235,10 +242,8 @@ def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict
     for stem in spec.get("notebooks", []):
         if stem not in done:
             raise config.ProfileError(f"{profile['path']}: reuse: {source} has no successful run of {stem}")
-        mine = {k: v for k, v in wanted.get(stem, {}).items() if k not in PATH_KEYS}
-        theirs = {k: v for k, v in done[stem]["parameters"].items() if k not in PATH_KEYS}
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        diff = _differing_keys(wanted.get(stem, {}), done[stem]["parameters"])
+        if diff:
             raise config.ProfileError(f"{profile['path']}: reuse of {stem} from {source}: parameters differ ({diff})")
         folder = STAGE_FOLDERS.get(stem, stem)
         target = out_root / folder
