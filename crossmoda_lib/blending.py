@@ -192,7 +192,7 @@ def harmonize_slice(model: sg.SinGANModel, image: np.ndarray, mask: np.ndarray, 
     mask_s = sg.resize(torch.from_numpy(mask.astype(np.float32))[None, None], finest)[0, 0].numpy() > 0.5 if tuple(finest) != shape else mask
     m = blend_mask(mask_s, params.dilation_px, params.blur_sigma_px)
     out = sg.harmonize(model, sg.resize(ref_t, finest), params.start_scale, params.seed)
-    out01 = ((out + 1) / 2).clamp(0, 1)
+    out01 = ((out + 1) / 2).clamp(0, 1).cpu()
     if tuple(finest) != shape:
         out01 = sg.resize(out01, shape)
         m = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()

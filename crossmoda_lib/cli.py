@@ -73,12 +73,12 @@ def _setup_run(p: argparse.ArgumentParser) -> None:
 
 @command("run", "execute the notebooks headless with one profile (papermill)")(_setup_run)
 def _run_run(args: argparse.Namespace) -> int:
-    from crossmoda_lib import config, runs
+    from crossmoda_lib import config, devices, runs
     from crossmoda_lib import io as cio
 
     try:
         manifest = runs.run_profile(args.profile, args.only, progress=not args.no_progress)
-    except (config.ProfileError, cio.DataError) as exc:
+    except (config.ProfileError, cio.DataError, devices.DeviceError) as exc:
         print(f"crossmoda run: {exc}", file=sys.stderr)
         return 2
     except runs.NotebookFailed as exc:
@@ -94,17 +94,18 @@ def _setup_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, help="where <case>_Label.nii.gz files go (not inside hrt2_dir)")
     p.add_argument("--models", type=Path, required=True, help="a model folder with inference.json (e.g. outputs/demo/08_inference/models)")
     p.add_argument("--overwrite", action="store_true", help="recompute predictions that already exist")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
 @command("predict", "segment a folder of hrT2 into crossMoDA labels on each input's own grid")(_setup_predict)
 def _run_predict(args: argparse.Namespace) -> int:
-    from crossmoda_lib import inference
+    from crossmoda_lib import devices, inference
     from crossmoda_lib import io as cio
 
     try:
-        rows = inference.predict_folder(args.hrt2_dir, args.out_dir, args.models, overwrite=args.overwrite, progress=not args.no_progress)
-    except cio.DataError as exc:
+        rows = inference.predict_folder(args.hrt2_dir, args.out_dir, args.models, overwrite=args.overwrite, progress=not args.no_progress, device=args.device)
+    except (cio.DataError, devices.DeviceError) as exc:
         print(f"crossmoda predict: {exc}", file=sys.stderr)
         return 2
     written = sum(r["status"] == "written" for r in rows)

@@ -25,6 +25,8 @@ import yaml
 from crossmoda_lib import io as cio
 
 COMMON_KEYS = ("profile", "seed", "data_source", "data_dir", "output_dir", "synth_cases_per_centre", "synth_fov")
+#: Common keys a profile may leave out, with their defaults (``device``: :mod:`crossmoda_lib.devices`).
+OPTIONAL_COMMON = {"device": "auto"}
 DATA_SOURCES = ("synthetic", "real")
 
 
@@ -71,11 +73,18 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     missing = [k for k in COMMON_KEYS if k not in common]
     if missing:
         raise ProfileError(f"{path}: common section lacks {missing}")
-    unknown = [k for k in common if k not in COMMON_KEYS]
+    unknown = [k for k in common if k not in COMMON_KEYS and k not in OPTIONAL_COMMON]
     if unknown:
-        raise ProfileError(f"{path}: unknown common key(s) {unknown}; known: {list(COMMON_KEYS)}")
+        raise ProfileError(f"{path}: unknown common key(s) {unknown}; known: {[*COMMON_KEYS, *OPTIONAL_COMMON]}")
     if common["data_source"] not in DATA_SOURCES:
         raise ProfileError(f"{path}: common.data_source must be one of {DATA_SOURCES}, not {common['data_source']!r}")
+    common = {**OPTIONAL_COMMON, **common}
+    from crossmoda_lib import devices
+
+    try:
+        devices.parse(common["device"])
+    except devices.DeviceError as exc:
+        raise ProfileError(f"{path}: common.device: {exc}") from exc
     notebooks = data.get("notebooks") or {}
     if not isinstance(notebooks, dict) or not all(isinstance(v, dict) for v in notebooks.values()):
         raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")
@@ -85,7 +94,7 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     reuse = data.get("reuse")
     if reuse is not None and (not isinstance(reuse, dict) or "from" not in reuse or not isinstance(reuse.get("notebooks"), list)):
         raise ProfileError(f"{path}: reuse must be a mapping with 'from' (an output folder) and 'notebooks' (a list)")
-    return {"path": str(path), "common": dict(common), "notebooks": {k: dict(v) for k, v in notebooks.items()}, "reuse": reuse}
+    return {"path": str(path), "common": common, "notebooks": {k: dict(v) for k, v in notebooks.items()}, "reuse": reuse}
 
 
 def _read_yaml(path: Path) -> Any:

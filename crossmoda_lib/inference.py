@@ -32,6 +32,7 @@ import SimpleITK as sitk
 import torch
 
 from crossmoda_lib import deconvolution as dc
+from crossmoda_lib import devices
 from crossmoda_lib import io as cio
 from crossmoda_lib import preprocess as pp
 from crossmoda_lib import segmentation as seg
@@ -65,9 +66,10 @@ class Ensemble:
         return tuple(float(s) for s in self.cfg.spacing[::-1])
 
 
-def load_structure(model_dir: Path | str, structure: str, sharpen: Sharpening | None = None) -> Ensemble:
-    """Load a structure's ensemble (every fold) from its model folder (``manifest.json`` + ``fold_k/``)."""
-    nets, cfg, manifest = seg.load_ensemble(model_dir)
+def load_structure(model_dir: Path | str, structure: str, sharpen: Sharpening | None = None, device: str | torch.device = "cpu") -> Ensemble:
+    """Load a structure's ensemble (every fold) from its model folder (``manifest.json`` + ``fold_k/``)
+    onto ``device`` (:func:`crossmoda_lib.devices.resolve`), where it then predicts."""
+    nets, cfg, manifest = seg.load_ensemble(model_dir, device)
     if manifest.get("structure") not in (None, structure):
         raise cio.DataError(f"{model_dir}: holds a {manifest['structure']} model, not {structure}")
     return Ensemble(structure, nets, cfg, manifest.get("clip_percentile"), sharpen, str(model_dir))
@@ -212,15 +214,15 @@ def read_bundle_file(models_dir: Path | str) -> dict:
     return payload
 
 
-def load_bundle(models_dir: Path | str, payload: dict | None = None) -> Bundle:
-    """Load the ensembles a bundle names (``payload``: its already checked ``inference.json``)."""
+def load_bundle(models_dir: Path | str, payload: dict | None = None, device: str | torch.device = "cpu") -> Bundle:
+    """Load the ensembles a bundle names (``payload``: its already checked ``inference.json``) onto ``device``."""
     models_dir = Path(models_dir)
     payload = payload or read_bundle_file(models_dir)
     preprocess = pp.PreprocessConfig.from_dict(payload["preprocess"])
     sharp = payload.get("cochlea_sharpen")
     sharpen = None if sharp is None else Sharpening(tuple(sharp["psf_mm"]), int(sharp["iterations"]), sharp.get("psf_is", "fwhm"), float(sharp.get("beta", 1.0)))
-    vs = load_structure(models_dir / payload["vs"], "vs")
-    cochlea = load_structure(models_dir / payload["cochlea"], "cochlea", sharpen)
+    vs = load_structure(models_dir / payload["vs"], "vs", device=device)
+    cochlea = load_structure(models_dir / payload["cochlea"], "cochlea", sharpen, device)
     return Bundle(preprocess, vs, cochlea, bool(payload.get("keep_largest_vs", True)), payload, payload.get("cochlea_components", 0))
 
 
@@ -260,12 +262,13 @@ def _checkpoint_stamps(models_dir: Path | str, payload: dict) -> dict[str, list[
     return stamps
 
 
-def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | str, *, overwrite: bool = False, progress: bool = True) -> list[dict]:
+def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | str, *, overwrite: bool = False, progress: bool = True, device: str | torch.device = "cpu") -> list[dict]:
     """Segment every hrT2 of ``in_dir`` into ``out_dir/<case>_Label.nii.gz`` on its own grid.
 
     Inputs and the model bundle are checked before any model is loaded; a prediction that already
     exists is kept unless ``overwrite`` (so an interrupted run resumes), or unless the models changed
-    since it was made (``models_used.json`` records them). Writes are atomic.
+    since it was made (``models_used.json`` records them). Writes are atomic. ``device``: where the
+    networks run (:func:`crossmoda_lib.devices.resolve`; checked before anything is read).
 
     Returns:
         One row per case: file, output, size, seconds, voxels of VS and cochlea.
@@ -274,9 +277,10 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
 
     from tqdm.auto import tqdm
 
+    device = devices.resolve(device)
     paths = check_inputs(in_dir, out_dir)
     payload = read_bundle_file(models_dir)
-    bundle = load_bundle(models_dir, payload)
+    bundle = load_bundle(models_dir, payload, device)
     out_dir = Path(out_dir)
     # Predictions made by other models (retrained, another bundle) are stale: recompute them all.
     stamp = json.dumps({"bundle": payload, "checkpoints": _checkpoint_stamps(models_dir, payload)}, sort_keys=True)

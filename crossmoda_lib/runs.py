@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from crossmoda_lib import config
+from crossmoda_lib import config, devices
 from crossmoda_lib import io as cio
 
 KERNEL_NAME = "python3"
@@ -83,6 +83,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     unknown_sections = sorted(set(profile["notebooks"]) - {p.stem for p in every})
     if unknown_sections:
         raise config.ProfileError(f"{profile_path}: notebooks section(s) {unknown_sections} match no notebook")
+    device = devices.resolve(common["device"])  # a GPU that is not there fails here, before any work
     out_root = config.resolve_path(common["output_dir"], root)
     data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"])
     report = cio.validate_dataset(data_dir)
@@ -96,7 +97,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
         "seed": common["seed"],
         "data_dir": str(data_dir),
         "versions": config.versions(),
-        "machine": config.machine(),
+        "machine": {**config.machine(), **devices.describe(device)},
         "git_commit": config.git_commit(root),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks": [],
@@ -133,6 +134,9 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
 #: Output folder of each notebook (the stage folder a later run may reuse).
 STAGE_FOLDERS = {"05_tumor_blending": "05_blending"}
 PATH_KEYS = ("profile", "output_dir", "data_dir")
+#: Keys that do not make two runs of a notebook different settings: paths, and where the networks
+#: ran (another device rounds differently, as another thread count does; the run manifest records it).
+UNCOMPARED_KEYS = (*PATH_KEYS, "device")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -175,10 +179,10 @@ def stale_reuse(run_dir: Path | str) -> dict[str, str]:
 
 
 def _differing_keys(mine: dict, theirs: dict) -> list[str]:
-    """Parameter names whose values differ between two runs of a notebook (paths aside; a key only
-    one of them has differs)."""
-    mine = {k: v for k, v in mine.items() if k not in PATH_KEYS}
-    theirs = {k: v for k, v in theirs.items() if k not in PATH_KEYS}
+    """Parameter names whose values differ between two runs of a notebook (paths and device aside:
+    ``UNCOMPARED_KEYS``; a key only one of them has differs)."""
+    mine = {k: v for k, v in mine.items() if k not in UNCOMPARED_KEYS}
+    theirs = {k: v for k, v in theirs.items() if k not in UNCOMPARED_KEYS}
     return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 import SimpleITK as sitk
 import torch
 
+from crossmoda_lib import devices
 from crossmoda_lib import io as cio
 from crossmoda_lib import metrics
 
@@ -350,7 +351,7 @@ def make_loss():
     return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
-def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True) -> tuple[torch.nn.Module, pd.DataFrame]:
+def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, pd.DataFrame]:
     """Train (or resume, or reuse) one binary model; ``checkpoint.pt`` and ``history.csv`` in ``out_dir``.
 
     Args:
@@ -360,16 +361,19 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
         out_dir: model folder.
         stop_after_epoch: stop (with a checkpoint) after this many epochs in total.
         progress: progress bar.
+        device: where the network trains (:func:`crossmoda_lib.devices.resolve`); patches are
+            drawn and augmented on the CPU, so their random draws are the same on every device.
 
     Returns:
-        The network (eval mode) and the per-epoch history (loss, lr, validation Dice).
+        The network (eval mode, on ``device``) and the per-epoch history (loss, lr, validation Dice).
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
     plan = cfg.plan
-    net = build_network(cfg)
+    device = devices.use(device)
+    net = build_network(cfg).to(device)
     opt = make_optimizer(net, cfg)
     sampler = PatchSampler(cases, plan.patch_size, cfg.fg_fraction, cfg.seed + 1, cfg.fg_jitter)
     augment = augmentation(cfg)
@@ -412,8 +416,8 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
                 pairs = [augment({"image": im, "label": tg}) for im, tg in zip(images, targets)]
                 images = np.stack([np.asarray(p["image"]) for p in pairs])
                 targets = np.stack([np.asarray(p["label"]) for p in pairs])
-            x = torch.as_tensor(images, dtype=torch.float32).contiguous(memory_format=CHANNELS_LAST)
-            y = torch.as_tensor(np.round(targets), dtype=torch.float32)
+            x = torch.as_tensor(images, dtype=torch.float32).to(device).contiguous(memory_format=CHANNELS_LAST)
+            y = torch.as_tensor(np.round(targets), dtype=torch.float32).to(device)
             out = net(x)
             if out.dim() == 6:  # deep supervision: (B, heads, C, z, y, x)
                 weights = deep_supervision_weights(out.shape[1])
@@ -440,15 +444,15 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     return net, pd.DataFrame(history)
 
 
-def load_model(model_dir: Path | str) -> tuple[torch.nn.Module, SegConfig]:
-    """A finished model (eval mode) and its settings."""
+def load_model(model_dir: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, SegConfig]:
+    """A finished model (eval mode, on ``device``) and its settings."""
     saved = torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     if not saved["finished"]:
         raise ValueError(f"{model_dir}: training has not finished (epoch {saved['epoch']}); run it again to resume")
     cfg = SegConfig.from_dict(saved["key"]["config"])
     net = build_network(cfg)
     net.load_state_dict(saved["net"])
-    return net.eval(), cfg
+    return net.to(devices.use(device)).eval(), cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,11 +463,12 @@ def load_model(model_dir: Path | str) -> tuple[torch.nn.Module, SegConfig]:
 @torch.no_grad()
 def predict_probabilities(nets: list[torch.nn.Module] | torch.nn.Module, image: np.ndarray, cfg: SegConfig) -> np.ndarray:
     """Foreground probability (z, y, x) of an ensemble: Gaussian-weighted sliding windows, overlap
-    ``cfg.overlap``, averaged over models and (with ``mirror_tta``) the 8 mirrorings."""
+    ``cfg.overlap``, averaged over models and (with ``mirror_tta``) the 8 mirrorings. The volume is
+    computed on the networks' device; the result is a NumPy array."""
     from monai.inferers import sliding_window_inference
 
     nets = nets if isinstance(nets, list) else [nets]
-    x = torch.as_tensor(image, dtype=torch.float32)[None, None]
+    x = torch.as_tensor(image, dtype=torch.float32)[None, None].to(next(nets[0].parameters()).device)
     flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if cfg.mirror_tta else [()]
     total = torch.zeros_like(x[:, :1])
     for net in nets:
@@ -473,7 +478,7 @@ def predict_probabilities(nets: list[torch.nn.Module] | torch.nn.Module, image: 
             logits = sliding_window_inference(xi, cfg.plan.patch_size, 4, lambda w: net(w.contiguous(memory_format=CHANNELS_LAST)), overlap=cfg.overlap, mode="gaussian", padding_mode="constant")
             prob = torch.softmax(logits, dim=1)[:, 1:2]
             total += prob.flip(axes) if axes else prob
-    return (total / (len(nets) * len(flips)))[0, 0].numpy()
+    return (total / (len(nets) * len(flips)))[0, 0].cpu().numpy()
 
 
 def predict_mask(nets, image: np.ndarray, cfg: SegConfig) -> np.ndarray:
@@ -608,9 +613,10 @@ class _FoldTask(NamedTuple):
     cfg: SegConfig
     out_dir: Path
     clip_percentile: float | None
+    device: str = "cpu"
 
 
-def _fold_tasks(job: StructureJob) -> list[_FoldTask]:
+def _fold_tasks(job: StructureJob, device: str = "cpu") -> list[_FoldTask]:
     """Folds split by case, so that a case's augmented volumes never validate a model that trained
     on the case; validation uses the un-augmented volumes of the held-out cases."""
     names = sorted({p.case for p in job.pairs})
@@ -620,7 +626,7 @@ def _fold_tasks(job: StructureJob) -> list[_FoldTask]:
         val_names = {names[i] for i in val_idx}
         train_pairs = [p for p in job.pairs if p.case in train_names]
         val_pairs = [p for p in job.pairs if p.case in val_names and not p.augmented]
-        tasks.append(_FoldTask(job.structure, k, train_pairs, val_pairs, job.cfg, Path(job.out_dir) / f"fold_{k}", job.clip_percentile))
+        tasks.append(_FoldTask(job.structure, k, train_pairs, val_pairs, job.cfg, Path(job.out_dir) / f"fold_{k}", job.clip_percentile, device))
     return tasks
 
 
@@ -631,7 +637,7 @@ def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
     def load(p: Pair) -> Case:
         return load_case(p.image, p.label, value, task.clip_percentile if p.real else None)
 
-    _, history = train([load(p) for p in task.train_pairs], [load(p) for p in task.val_pairs], task.cfg, task.out_dir, progress=progress)
+    _, history = train([load(p) for p in task.train_pairs], [load(p) for p in task.val_pairs], task.cfg, task.out_dir, progress=progress, device=task.device)
     has_val = "val_dice" in history and history.val_dice.notna().any()
     return {"structure": task.structure, "fold": task.fold, "train_volumes": len(task.train_pairs), "val_volumes": len(task.val_pairs), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan")}
 
@@ -679,7 +685,7 @@ def _train_in_pool(tasks: list[_FoldTask], workers: int, progress: bool) -> list
     return rows
 
 
-def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bool = True) -> list[pd.DataFrame]:
+def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bool = True, device: str | torch.device = "cpu") -> list[pd.DataFrame]:
     """Train the k-fold ensembles of several structures; each gets its ``manifest.json``.
 
     Every (structure, fold) model is independent of the others. With ``workers`` > 1 the unfinished
@@ -688,12 +694,15 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
     two-thread process trains them in turn, start-up of the processes included
     (``benchmarks/bench_segmentation.py --workers --iterations 160``). Each model stays deterministic
     for a given number of threads; models trained with other thread counts differ by float rounding.
+    ``device`` (:func:`crossmoda_lib.devices.resolve`) is where every model trains; with a GPU and
+    ``workers`` > 1 the processes share it.
 
     Returns:
         Per job, one row per fold: training and validation volumes, final loss, last validation Dice.
     """
     jobs = [StructureJob(*job) for job in jobs]
-    per_job = [_fold_tasks(job) for job in jobs]
+    device = str(devices.resolve(device))  # checked here, before any process starts
+    per_job = [_fold_tasks(job, device) for job in jobs]
     tasks = [task for group in per_job for task in group]
     todo = [i for i, t in enumerate(tasks) if _epochs_done(t.out_dir) < t.cfg.epochs]
     workers = max(1, min(workers, len(todo)))
@@ -708,9 +717,9 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
     return tables
 
 
-def train_structure(pairs: list[Pair], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True) -> pd.DataFrame:
+def train_structure(pairs: list[Pair], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True, device: str | torch.device = "cpu") -> pd.DataFrame:
     """Train one structure's k-fold ensemble in this process (:func:`train_structures` with one job)."""
-    return train_structures([StructureJob([Pair(*p) for p in pairs], structure, cfg, folds, Path(out_dir), clip_percentile)], progress=progress)[0]
+    return train_structures([StructureJob([Pair(*p) for p in pairs], structure, cfg, folds, Path(out_dir), clip_percentile)], progress=progress, device=device)[0]
 
 
 def manifest_pairs(manifest: dict, *, real: bool | None = None) -> list[Pair]:
@@ -719,8 +728,8 @@ def manifest_pairs(manifest: dict, *, real: bool | None = None) -> list[Pair]:
     return [p for p in pairs if real is None or p.real == real]
 
 
-def load_ensemble(model_dir: Path | str) -> tuple[list[torch.nn.Module], SegConfig, dict]:
-    """Every finished fold of a structure's model folder, its settings and manifest."""
+def load_ensemble(model_dir: Path | str, device: str | torch.device = "cpu") -> tuple[list[torch.nn.Module], SegConfig, dict]:
+    """Every finished fold of a structure's model folder (on ``device``), its settings and manifest."""
     model_dir = Path(model_dir)
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.exists():
@@ -728,7 +737,7 @@ def load_ensemble(model_dir: Path | str) -> tuple[list[torch.nn.Module], SegConf
     manifest = json.loads(manifest_path.read_text())
     nets, cfg = [], None
     for k in range(manifest["folds"] if manifest["folds"] > 1 else 1):
-        net, cfg = load_model(model_dir / f"fold_{k}")
+        net, cfg = load_model(model_dir / f"fold_{k}", device)
         nets.append(net)
     return nets, cfg, manifest
 
@@ -755,13 +764,13 @@ def predict_label(image: np.ndarray, vs: tuple[list, SegConfig], cochlea: tuple[
     return compose_label(predict_probabilities(vs[0], image, vs[1]), predict_probabilities(cochlea[0], image, cochlea[1]), keep_largest_vs)
 
 
-def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target", device: str | torch.device = "cpu") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """For the first stage-01 hrT2 of each centre: (title, slice, predicted label slice, truth slice or
     None) at the slice with the largest true VS (where a miss shows), or the largest predicted VS when
     there is no truth."""
     stage01, model_root = Path(stage01), Path(model_root)
-    vs = load_ensemble(model_root / "vs")[:2]
-    cochlea = load_ensemble(model_root / "cochlea")[:2]
+    vs = load_ensemble(model_root / "vs", device)[:2]
+    cochlea = load_ensemble(model_root / "cochlea", device)[:2]
     rows = []
     for centre in centres:
         paths = [p for p in sorted((stage01 / sub).glob("*_hrT2.nii.gz")) if cio.centre_of(p.name) == centre]

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from crossmoda_lib import devices
 from crossmoda_lib import inference as inf
 from crossmoda_lib import io as cio
 from crossmoda_lib import preprocess as pp
@@ -82,7 +83,7 @@ def teacher_dirs(stage06: Path | str, root: Path | str, k: int) -> dict[str, Pat
     return {s: base / s for s in seg.STRUCTURES}
 
 
-def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[str, Path], out: Path, spacing_xyz: tuple[float, float, float], *, keep_largest_vs: bool = True, cochlea_components: int = 0, progress: bool = True) -> tuple[list[seg.Pair], pd.DataFrame]:
+def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[str, Path], out: Path, spacing_xyz: tuple[float, float, float], *, keep_largest_vs: bool = True, cochlea_components: int = 0, progress: bool = True, device: str = "cpu") -> tuple[list[seg.Pair], pd.DataFrame]:
     """Pseudo-label every ``training_target`` hrT2 on the crop at ``spacing_xyz``.
 
     Returns:
@@ -109,7 +110,7 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
             label = sitk.ReadImage(str(label_path))
         else:
             if ensembles is None:
-                ensembles = {s: inf.load_structure(d, s) for s, d in teacher.items()}
+                ensembles = {s: inf.load_structure(d, s, device=device) for s, d in teacher.items()}
             (label,) = inf.segment(original, ensembles["vs"], ensembles["cochlea"], pre, [grid], keep_largest_vs=keep_largest_vs, cochlea_components=cochlea_components)
             cio.write_image(label, label_path)
         pseudo = sitk.GetArrayFromImage(label)
@@ -124,9 +125,10 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
     return pairs, pd.DataFrame(rows)
 
 
-def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True) -> dict:
+def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu") -> dict:
     """Run (or resume, or reuse) round ``k``; returns its manifest. ``workers``: processes that train
-    the round's models side by side (:func:`crossmoda_lib.segmentation.train_structures`)."""
+    the round's models side by side (:func:`crossmoda_lib.segmentation.train_structures`); ``device``:
+    where the teachers predict and the students train."""
     out = round_dir(root, k)
     manifest_path = out / "manifest.json"
     settings_record = json.loads(json.dumps(asdict(cfg)))  # as stored: tuples become lists
@@ -141,7 +143,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     pre = preprocess_settings(stage01)
     spacing = tuple(cfg.final_spacing) if final else pre.spacing
     teacher = teacher_dirs(stage06, root, k)
-    real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, cochlea_components=cfg.cochlea_components, progress=progress)
+    real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, cochlea_components=cfg.cochlea_components, progress=progress, device=device)
     cio.write_text_atomic(out / "pseudo_label_dice.csv", dice.assign(round=k).to_csv(index=False))
     jobs = []
     for structure in seg.STRUCTURES:
@@ -153,7 +155,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
         pairs = real_pairs if final else seg.manifest_pairs(base, real=False) + real_pairs
         clip = cfg.cochlea_clip_percentile if structure == "cochlea" else None
         jobs.append(seg.StructureJob(pairs, structure, settings, cfg.folds, out / structure, clip))
-    tables = seg.train_structures(jobs, workers=workers, progress=progress)
+    tables = seg.train_structures(jobs, workers=workers, progress=progress, device=device)
     summaries = [table.assign(training_volumes=len(job.pairs), real_volumes=len(real_pairs)) for job, table in zip(jobs, tables)]
     manifest = {
         "stage": "07_self_training",
@@ -170,14 +172,15 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     return manifest
 
 
-def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True) -> pd.DataFrame:
+def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu") -> pd.DataFrame:
     """All rounds; writes ``dice_by_round.csv`` (every round's pseudo-label Dice) and ``manifest.json``.
 
     Returns:
         The per-case pseudo-label table of every round.
     """
     root = Path(root)
-    manifests = [run_round(k, cfg, data_dir, stage01, stage06, root, workers=workers, progress=progress) for k in range(1, cfg.rounds + 1)]
+    device = str(devices.resolve(device))  # checked before any round starts
+    manifests = [run_round(k, cfg, data_dir, stage01, stage06, root, workers=workers, progress=progress, device=device) for k in range(1, cfg.rounds + 1)]
     tables = [pd.read_csv(round_dir(root, k) / "pseudo_label_dice.csv") for k in range(1, cfg.rounds + 1)]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case", "centre", "vs_mm3", "cochlea_mm3", "round"])
     cio.write_text_atomic(root / "dice_by_round.csv", table.to_csv(index=False))

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmoda_lib import devices
 from crossmoda_lib import io as cio
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def init_weights(module: nn.Module) -> None:
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float, generator: torch.Generator) -> torch.Tensor:
     """WGAN-GP as the original computes it: one mixing weight per call, per-pixel gradient norm over
     channels, ``weight * mean((|grad| - 1)^2)``."""
-    a = torch.rand(1, 1, generator=generator).expand_as(real)
+    a = torch.rand(1, 1, generator=generator).to(real.device).expand_as(real)
     mixed = (a * real + (1 - a) * fake).requires_grad_(True)
     score = critic(mixed)
     grad = torch.autograd.grad(score, mixed, grad_outputs=torch.ones_like(score), create_graph=True, retain_graph=True)[0]
@@ -231,7 +232,8 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
 
 @dataclass
 class SinGANModel:
-    """A trained pyramid: generators, fixed reconstruction noises, noise amplitudes, real images."""
+    """A trained pyramid: generators, fixed reconstruction noises, noise amplitudes, real images,
+    all on ``device`` (noise is drawn on the CPU and moved there, so it is the same on every device)."""
 
     cfg: SinGANConfig
     pyramid: Pyramid
@@ -239,14 +241,15 @@ class SinGANModel:
     z_opt: list[torch.Tensor] = field(default_factory=list)  # padded reconstruction noise per scale
     noise_amps: list[float] = field(default_factory=list)
     reals: list[torch.Tensor] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def n_trained(self) -> int:
         return len(self.generators)
 
 
-def _noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator)
+def _noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(device)
 
 
 def _pad(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -266,13 +269,13 @@ def draw(model: SinGANModel, upto: int, mode: str, generator: torch.Generator | 
         start_scale: first generator to run.
     """
     pad = model.cfg.pad
-    g_z = start if start is not None else torch.zeros(1, 1, *model.pyramid.sizes[start_scale])
+    g_z = start.to(model.device) if start is not None else torch.zeros(1, 1, *model.pyramid.sizes[start_scale], device=model.device)
     for n in range(start_scale, upto):
         size = model.pyramid.sizes[n]
         if mode == "rec":
             z = model.z_opt[n]
         else:
-            z = _pad(_noise((1, 1, *size), generator), pad)
+            z = _pad(_noise((1, 1, *size), generator, model.device), pad)
         prev = _pad(g_z, pad)
         g_z = model.generators[n](model.noise_amps[n] * z + prev, prev)
         if n + 1 < model.pyramid.n_scales and (resize_last or n + 1 < upto):
@@ -295,6 +298,8 @@ def train_scale(model: SinGANModel, n: int, progress: bool = True, prev_state: t
     net_g, net_d = Generator(nfc, cfg), Discriminator(nfc, cfg)
     init_weights(net_g)
     init_weights(net_d)
+    net_g.to(model.device)
+    net_d.to(model.device)
     if prev_state is not None and nfc_at(n - 1, cfg) == nfc:  # warm start, as the original
         net_g.load_state_dict(prev_state[0])
         net_d.load_state_dict(prev_state[1])
@@ -306,12 +311,13 @@ def train_scale(model: SinGANModel, n: int, progress: bool = True, prev_state: t
     milestone = [int(round(cfg.lr_drop_fraction * cfg.niter))]
     sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, milestones=milestone, gamma=cfg.gamma)
     sched_d = torch.optim.lr_scheduler.MultiStepLR(opt_d, milestones=milestone, gamma=cfg.gamma)
+    padded = (1, 1, size[0] + 2 * pad, size[1] + 2 * pad)
     if n == 0:
-        z_opt = _pad(_noise((1, 1, *size), gen), pad)  # fixed reconstruction noise z*
-        z_prev = torch.zeros(1, 1, size[0] + 2 * pad, size[1] + 2 * pad)
+        z_opt = _pad(_noise((1, 1, *size), gen, model.device), pad)  # fixed reconstruction noise z*
+        z_prev = torch.zeros(padded, device=model.device)
         noise_amp = 1.0
     else:
-        z_opt = torch.zeros(1, 1, size[0] + 2 * pad, size[1] + 2 * pad)
+        z_opt = torch.zeros(padded, device=model.device)
         with torch.no_grad():
             rec = draw(model, n, "rec")
         noise_amp = cfg.noise_amp * float(torch.sqrt(F.mse_loss(real, rec)))
@@ -319,7 +325,7 @@ def train_scale(model: SinGANModel, n: int, progress: bool = True, prev_state: t
     history = {"errD": [], "errG": [], "rec": [], "noise_amp": noise_amp}
     bar = tqdm(range(cfg.niter), desc=f"04 SinGAN scale {n}/{model.pyramid.stop_scale}", disable=not progress, leave=False)
     for _ in bar:
-        noise_ = _pad(_noise((1, 1, *size), gen), pad)
+        noise_ = _pad(_noise((1, 1, *size), gen, model.device), pad)
         for _ in range(cfg.d_steps):
             net_d.zero_grad(set_to_none=True)
             err_real = -net_d(real).mean()
@@ -339,7 +345,7 @@ def train_scale(model: SinGANModel, n: int, progress: bool = True, prev_state: t
             net_g.zero_grad(set_to_none=True)
             fake = net_g(noise, prev)  # recomputed: the original reused a stale graph here
             err_g = -net_d(fake).mean()
-            rec_loss = cfg.alpha * F.mse_loss(net_g(noise_amp * z_opt + z_prev, z_prev), real) if cfg.alpha else torch.zeros(())
+            rec_loss = cfg.alpha * F.mse_loss(net_g(noise_amp * z_opt + z_prev, z_prev), real) if cfg.alpha else real.new_zeros(())
             (err_g + rec_loss).backward()
             opt_g.step()
         sched_g.step()
@@ -357,7 +363,7 @@ def train_scale(model: SinGANModel, n: int, progress: bool = True, prev_state: t
     return net_g, net_d, history
 
 
-def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *, progress: bool = True, stop_after_scale: int | None = None) -> tuple[SinGANModel, list[dict]]:
+def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *, progress: bool = True, stop_after_scale: int | None = None, device: str | torch.device = "cpu") -> tuple[SinGANModel, list[dict]]:
     """Train (or resume) a SinGAN pyramid on one image; one checkpoint per scale in ``out_dir``.
 
     Args:
@@ -366,6 +372,8 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
         out_dir: holds ``scale_NN.pt`` per finished scale and ``histories.json``.
         progress: progress bars.
         stop_after_scale: stop once this scale is finished (tests, split runs).
+        device: where the pyramid trains (:func:`crossmoda_lib.devices.resolve`); the image pyramid
+            is computed on the CPU and moved there.
 
     Returns:
         The model (all trained scales) and per-scale histories.
@@ -374,8 +382,10 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = devices.use(device)
+    image = image.cpu()
     pyramid = pyramid_for(image.shape[-2], image.shape[-1], cfg)
-    model = SinGANModel(cfg, pyramid, reals=image_pyramid(image, pyramid))
+    model = SinGANModel(cfg, pyramid, reals=[r.to(device) for r in image_pyramid(image, pyramid)], device=device)
     key = {"config": asdict(cfg), "image_shape": list(image.shape), "image_sum": float(image.double().sum())}
     histories: list[dict] = []
     prev_state = None
@@ -387,11 +397,11 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
                 raise ValueError(f"{ckpt}: made with other settings or another image; delete {out_dir} or use another folder")
             net_g = Generator(nfc_at(n, cfg), cfg)
             net_g.load_state_dict(saved["G"])
-            net_g.eval()
+            net_g.to(device).eval()
             for p in net_g.parameters():
                 p.requires_grad_(False)
             model.generators.append(net_g)
-            model.z_opt.append(saved["z_opt"])
+            model.z_opt.append(saved["z_opt"].to(device))
             model.noise_amps.append(saved["noise_amp"])
             histories.append(saved["history"])
             prev_state = (saved["G"], saved["D"])
@@ -406,13 +416,13 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
     return model, histories
 
 
-def load_singan(out_dir: Path | str, image: torch.Tensor, cfg: SinGANConfig) -> SinGANModel:
-    """A finished pyramid from its checkpoints; raises (naming the notebook) when a scale is missing."""
+def load_singan(out_dir: Path | str, image: torch.Tensor, cfg: SinGANConfig, device: str | torch.device = "cpu") -> SinGANModel:
+    """A finished pyramid from its checkpoints, on ``device``; raises (naming the notebook) when a scale is missing."""
     pyramid = pyramid_for(image.shape[-2], image.shape[-1], cfg)
     missing = [n for n in range(pyramid.n_scales) if not (Path(out_dir) / f"scale_{n:02d}.pt").exists()]
     if missing:
         raise cio.DataError(f"{out_dir}: SinGAN scales {missing} are not trained; run notebooks/04_singan.ipynb")
-    model, _ = train_singan(image, cfg, out_dir, progress=False)
+    model, _ = train_singan(image, cfg, out_dir, progress=False, device=device)
     return model
 
 
@@ -450,7 +460,7 @@ def harmonize(model: SinGANModel, ref: torch.Tensor, start_scale: int, seed: int
     if not 1 <= start_scale <= n_top:
         raise ValueError(f"start scale {start_scale} outside 1..{n_top} (this pyramid has {n_top + 1} scales)")
     sizes = model.pyramid.sizes
-    in_s = resize(resize(ref, sizes[start_scale - 1]), sizes[start_scale])
+    in_s = resize(resize(ref.to(model.device), sizes[start_scale - 1]), sizes[start_scale])
     gen = torch.Generator().manual_seed(seed)
     return draw(model, n_top + 1, "rand", gen, start=in_s, start_scale=start_scale)
 
@@ -519,13 +529,14 @@ def pick_training_slice(stage01: Path | str, centre: str, case: str = "", slice_
     return path.name.removesuffix("_hrT2.nii.gz"), z, volume[z]
 
 
-def train_stage(stage01: Path | str, out_dir: Path | str, cfg: SinGANConfig, centre: str, case: str = "", slice_index: int = -1, *, progress: bool = True) -> tuple[SinGANModel, list[dict]]:
-    """Stage 04: pick the training slice, train (or resume, or reuse) the pyramid, write the manifest
-    and ``training_slice.npy`` (the image stage 05 needs to rebuild the pyramid)."""
+def train_stage(stage01: Path | str, out_dir: Path | str, cfg: SinGANConfig, centre: str, case: str = "", slice_index: int = -1, *, progress: bool = True, device: str | torch.device = "cpu") -> tuple[SinGANModel, list[dict]]:
+    """Stage 04: pick the training slice, train (or resume, or reuse) the pyramid on ``device``, write
+    the manifest and ``training_slice.npy`` (the image stage 05 needs to rebuild the pyramid)."""
+    device = devices.resolve(device)
     out_dir = Path(out_dir)
     case, z, slice01 = pick_training_slice(stage01, centre, case, slice_index)
     image = torch.from_numpy(slice01)[None, None] * 2 - 1
-    model, histories = train_singan(image, cfg, out_dir, progress=progress)
+    model, histories = train_singan(image, cfg, out_dir, progress=progress, device=device)
     import io as _io
 
     buf = _io.BytesIO()
@@ -535,19 +546,20 @@ def train_stage(stage01: Path | str, out_dir: Path | str, cfg: SinGANConfig, cen
     return model, histories
 
 
-def load_stage(stage04: Path | str) -> SinGANModel:
-    """The finished pyramid of stage 04 (settings from its manifest, image from training_slice.npy)."""
+def load_stage(stage04: Path | str, device: str | torch.device = "cpu") -> SinGANModel:
+    """The finished pyramid of stage 04 (settings from its manifest, image from training_slice.npy), on ``device``."""
+    device = devices.resolve(device)
     stage04 = Path(stage04)
     manifest = stage04 / "manifest.json"
     if not manifest.exists():
         raise cio.DataError(f"{stage04}: no finished SinGAN (manifest.json missing); run notebooks/04_singan.ipynb first")
     settings = json.loads(manifest.read_text())["settings"]
     image = torch.from_numpy(np.load(stage04 / "training_slice.npy"))[None, None] * 2 - 1
-    return load_singan(stage04, image, SinGANConfig(**settings))
+    return load_singan(stage04, image, SinGANConfig(**settings), device)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
-    return ((x[0, 0] + 1) / 2).clamp(0, 1).numpy()
+    return ((x[0, 0] + 1) / 2).clamp(0, 1).cpu().numpy()
 
 
 def figure_rows(model: SinGANModel, seeds: tuple[int, ...] = (1, 2, 3), start_scales: tuple[int, ...] | None = None) -> dict[str, list]:

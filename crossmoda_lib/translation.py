@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmoda_lib import config
+from crossmoda_lib import config, devices
 from crossmoda_lib import io as cio
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ class ImagePool:
                 out.append(image)
             elif torch.rand(1, generator=self.generator).item() > 0.5:
                 idx = int(torch.randint(0, self.size, (1,), generator=self.generator).item())
-                out.append(self.images[idx].clone())
+                out.append(self.images[idx].to(image.device))  # a resumed pool's images are on the CPU
                 self.images[idx] = image.clone()
             else:
                 out.append(image)
@@ -265,6 +265,11 @@ class CycleGAN:
 
     def modules(self) -> list[nn.Module]:
         return [self.G_A, self.G_B, self.D_A, self.D_B]
+
+    def to(self, device: torch.device) -> CycleGAN:
+        for net in self.modules():
+            net.to(device)
+        return self
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name).state_dict() for name in ("G_A", "G_B", "D_A", "D_B")}
@@ -372,7 +377,7 @@ def train_step(nets: CycleGAN, real_a: torch.Tensor, real_b: torch.Tensor, opt_g
         losses["idt_A"] = F.l1_loss(nets.G_A(real_b), real_b) * lam * cfg.lambda_identity
         losses["idt_B"] = F.l1_loss(nets.G_B(real_a), real_a) * lam * cfg.lambda_identity
     else:
-        losses["idt_A"] = losses["idt_B"] = torch.zeros(())
+        losses["idt_A"] = losses["idt_B"] = real_a.new_zeros(())
     losses["G_A"] = _lsgan(nets.D_A(fake_b), True)
     losses["G_B"] = _lsgan(nets.D_B(fake_a), True)
     losses["cycle_A"] = F.l1_loss(rec_a, real_a) * lam
@@ -409,7 +414,7 @@ def _crop(x: torch.Tensor, generator: torch.Generator, size: int | None) -> torc
     return x[..., top : top + size, left : left + size]
 
 
-def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, *, stop_after: int | None = None, progress: bool = True) -> tuple[CycleGAN, pd.DataFrame]:
+def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, *, stop_after: int | None = None, progress: bool = True, device: str | torch.device = "cpu") -> tuple[CycleGAN, pd.DataFrame]:
     """Train (or resume, or reuse) a CycleGAN; checkpoints and ``losses.csv`` go to ``out_dir``.
 
     Args:
@@ -420,15 +425,18 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
         stop_after: stop (with a checkpoint) once this many iterations are done in total; used to
             test resumption and to split long runs.
         progress: progress bar.
+        device: where the networks train (:func:`crossmoda_lib.devices.resolve`). Slices, crops,
+            flips and image-pool draws stay on the CPU, so they are the same on every device.
 
     Returns:
-        The networks and the loss history.
+        The networks (on ``device``) and the loss history.
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
-    nets = CycleGAN.build(cfg)
+    device = devices.use(device)
+    nets = CycleGAN.build(cfg).to(device)  # initialised on the CPU: the same weights on every device
     params_g = itertools.chain(nets.G_A.parameters(), nets.G_B.parameters())
     params_d = itertools.chain(nets.D_A.parameters(), nets.D_B.parameters())
     opt_g = torch.optim.Adam(params_g, lr=cfg.lr, betas=(cfg.beta1, 0.999))
@@ -488,8 +496,8 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
                 return nets, pd.DataFrame(state.history)
             idx = state.order[state.step_in_epoch * cfg.batch_size : (state.step_in_epoch + 1) * cfg.batch_size]
             idx_b = torch.randint(0, slices_b.shape[0], (len(idx),), generator=sampler)
-            real_a = _crop(_flip(slices_a[idx], sampler, cfg.flip), sampler, cfg.random_crop)
-            real_b = _crop(_flip(slices_b[idx_b], sampler, cfg.flip), sampler, cfg.random_crop)
+            real_a = _crop(_flip(slices_a[idx], sampler, cfg.flip), sampler, cfg.random_crop).to(device)
+            real_b = _crop(_flip(slices_b[idx_b], sampler, cfg.flip), sampler, cfg.random_crop).to(device)
             losses = train_step(nets, real_a, real_b, opt_g, opt_d, pool_a, pool_b, cfg)
             state.window.append([losses[k] for k in LOSS_NAMES])
             state.iteration += 1
@@ -518,8 +526,8 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
     return nets, pd.DataFrame(state.history)
 
 
-def load_generators(ckpt_path: Path | str) -> tuple[ResnetGenerator, ResnetGenerator, CycleGANConfig]:
-    """The two generators (ceT1 -> hrT2, hrT2 -> ceT1) of a finished checkpoint, in eval mode."""
+def load_generators(ckpt_path: Path | str, device: str | torch.device = "cpu") -> tuple[ResnetGenerator, ResnetGenerator, CycleGANConfig]:
+    """The two generators (ceT1 -> hrT2, hrT2 -> ceT1) of a finished checkpoint, in eval mode, on ``device``."""
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if not saved["state"].finished:
         raise ValueError(f"{ckpt_path}: training has not finished (iteration {saved['state'].iteration}); run 02 again to resume")
@@ -527,7 +535,8 @@ def load_generators(ckpt_path: Path | str) -> tuple[ResnetGenerator, ResnetGener
     g_a, g_b = ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks), ResnetGenerator(1, 1, cfg.ngf, cfg.n_blocks)
     g_a.load_state_dict(saved["nets"]["G_A"])
     g_b.load_state_dict(saved["nets"]["G_B"])
-    return g_a.eval(), g_b.eval(), cfg
+    device = devices.use(device)
+    return g_a.to(device).eval(), g_b.to(device).eval(), cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,16 +548,17 @@ def load_generators(ckpt_path: Path | str) -> tuple[ResnetGenerator, ResnetGener
 def translate_array(generator: nn.Module, volume: np.ndarray, image_size: tuple[int, int] | None, batch_size: int = 16) -> np.ndarray:
     """Translate every axial slice of a (Z, H, W) volume in [0, 1]; returns (Z, H, W) in [0, 1].
 
-    Slices are resized to the training size, translated in batches without gradients, and resized
-    back to the volume's in-plane size.
+    Slices are resized to the training size, translated in batches without gradients (on the
+    generator's device), and resized back to the volume's in-plane size.
     """
     generator.eval()
+    device = next(generator.parameters()).device
     out = np.empty_like(volume, dtype=np.float32)
     size = tuple(volume.shape[1:])
     for start in range(0, volume.shape[0], batch_size):
-        x = to_network(volume[start : start + batch_size, None])
+        x = to_network(volume[start : start + batch_size, None]).to(device)
         y = generator(resize_slices(x, image_size))
-        out[start : start + batch_size] = from_network(resize_slices(y, size))[:, 0].clamp(0, 1).numpy()
+        out[start : start + batch_size] = from_network(resize_slices(y, size))[:, 0].clamp(0, 1).cpu().numpy()
     return out
 
 
@@ -575,12 +585,13 @@ def stage_volumes(stage01: Path | str, sub: str, modality: str, centres: list[st
     return [p for p in paths if cio.centre_of(p.name) in centres]
 
 
-def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, centres: list[str], *, min_anatomy_fraction: float = 0.1, progress: bool = True, stop_after: int | None = None) -> tuple[CycleGAN, pd.DataFrame, dict]:
+def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, centres: list[str], *, min_anatomy_fraction: float = 0.1, progress: bool = True, stop_after: int | None = None, device: str | torch.device = "cpu") -> tuple[CycleGAN, pd.DataFrame, dict]:
     """Stage 02: train the CycleGAN on stage-01 ceT1 (source) and hrT2 (target) slices of ``centres``.
 
-    Every input volume is checked before training starts. Returns the networks, the loss history and
-    a summary (slices and cases per domain).
+    Every input volume, and the device, is checked before training starts. Returns the networks,
+    the loss history and a summary (slices and cases per domain).
     """
+    device = devices.resolve(device)
     stage01 = config.require_stage(stage01, "01_preprocess")
     paths_a = stage_volumes(stage01, "source", "ceT1", centres)
     paths_b = stage_volumes(stage01, "target", "hrT2", centres)
@@ -592,7 +603,7 @@ def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, c
         raise cio.DataError("\n".join(str(p) for p in problems))
     slices_a = collect_slices(paths_a, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
     slices_b = collect_slices(paths_b, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
-    nets, history = train_cyclegan(slices_a, slices_b, cfg, out_dir, stop_after=stop_after, progress=progress)
+    nets, history = train_cyclegan(slices_a, slices_b, cfg, out_dir, stop_after=stop_after, progress=progress, device=device)
     summary = {"centres": list(centres), "ceT1_cases": len(paths_a), "hrT2_cases": len(paths_b), "ceT1_slices": int(slices_a.shape[0]), "hrT2_slices": int(slices_b.shape[0]), "slice_size": list(slices_a.shape[-2:])}
     if (Path(out_dir) / "config.json").exists():
         from crossmoda_lib import __version__
@@ -602,7 +613,7 @@ def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, c
     return nets, history, summary
 
 
-def translate_stage(stage01: Path | str, checkpoint: Path | str, out_dir: Path | str, *, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+def translate_stage(stage01: Path | str, checkpoint: Path | str, out_dir: Path | str, *, batch_size: int = 16, progress: bool = True, device: str | torch.device = "cpu") -> pd.DataFrame:
     """Stage 03 (first half): translate every stage-01 ceT1 volume (all centres) into pseudo-hrT2.
 
     Writes ``out_dir/<case>_pseudoT2.nii.gz`` (same geometry as the ceT1) with the label copied as
@@ -610,8 +621,9 @@ def translate_stage(stage01: Path | str, checkpoint: Path | str, out_dir: Path |
     """
     from tqdm.auto import tqdm
 
+    device = devices.resolve(device)  # before anything is read
     stage01 = config.require_stage(stage01, "01_preprocess")
-    g_a, _, cfg = load_generators(checkpoint)
+    g_a, _, cfg = load_generators(checkpoint, device)
     out_dir = Path(out_dir)
     rows = []
     for path in tqdm(stage_volumes(stage01, "source", "ceT1", list(cio.CENTRES.values())), desc="03 translate", disable=not progress):

@@ -118,6 +118,9 @@ def test_every_notebook_executes_with_the_smoke_profile(smoke_run):
 
     assert saved["machine"]["cores"] == os.cpu_count() and saved["machine"]["torch_threads"] == torch.get_num_threads()
     assert saved["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and saved["machine"]["cpu"]
+    # ... and the device the networks ran on (the smoke profile's "auto": the first GPU, else the CPU).
+    assert saved["machine"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert saved["parameters"]["common"]["device"] == "auto"
     assert (tmp / "data" / "manifest.json").is_file(), "the synthetic cohort is generated on demand"
 
 

@@ -1,0 +1,92 @@
+"""Where the networks run: the ``device`` setting of a profile (``common.device``).
+
+``auto`` takes the first CUDA GPU when torch sees one and the CPU otherwise; ``cpu``, ``cuda`` and
+``cuda:N`` ask for that device and fail at once, with the reason, when it is not there (a paper
+profile that silently fell back to the CPU would train for months: README, "Measured results").
+
+Every stage keeps its data, random generators and checkpoints on the CPU and moves only the
+networks and the tensors they compute on. So a checkpoint written on a GPU resumes on the CPU and the
+other way round, and the random draws (patch positions, augmentation, SinGAN noise, image pools) are
+the same on every device; the arithmetic is not (other kernels round differently), so a run on a GPU
+gives other numbers than the same seed on a CPU, as two CPU kernel families already do.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+#: The values ``common.device`` accepts (``cuda:N`` with any index).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine; the message says why and what to set."""
+
+
+def parse(spec: str | torch.device | None) -> str:
+    """The setting written out (``auto``, ``cpu``, ``cuda`` or ``cuda:N``), whatever this machine has.
+
+    Raises:
+        DeviceError: not one of those values.
+    """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if spec is None:
+        return "auto"
+    if not isinstance(spec, str) or not (spec.strip().lower() in ("auto", "cpu") or _CUDA.fullmatch(spec.strip().lower())):
+        raise DeviceError(f"device {spec!r} is not one of {DEVICE_CHOICES}")
+    return spec.strip().lower()
+
+
+def resolve(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for a ``device`` setting.
+
+    Args:
+        spec: ``auto`` (a CUDA GPU if torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+            a ``torch.device`` is checked the same way. None means ``auto``.
+
+    Raises:
+        DeviceError: an unknown value, or a GPU that this machine (or this torch build) lacks.
+    """
+    spec = parse(spec)
+    if spec == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    match = _CUDA.fullmatch(spec)
+    if not torch.cuda.is_available():
+        build = f"this torch {torch.__version__} was built without CUDA" if torch.version.cuda is None else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+        raise DeviceError(f"device {spec!r} was asked for, but {build}; set common.device to 'cpu' or 'auto' in the profile (a paper-sized model on a CPU trains for months)")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"device {spec!r} was asked for, but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return torch.device(f"cuda:{index}")
+
+
+def prepare(device: torch.device) -> torch.device:
+    """Settings that make a GPU run repeatable: cuDNN picks deterministic algorithms and does not
+    benchmark others (whose choice depends on timing). A no-op on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
+def use(spec: str | torch.device | None = "auto") -> torch.device:
+    """:func:`resolve` then :func:`prepare`: what a stage calls with its ``device`` setting."""
+    return prepare(resolve(spec))
+
+
+def describe(device: torch.device | str) -> dict:
+    """What a run manifest records about the device: its name and, for a GPU, model, memory and the
+    CUDA and cuDNN versions torch uses."""
+    device = torch.device(device)
+    info: dict = {"device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()})
+    return info
