@@ -4,13 +4,16 @@ model's device.
 No GPU is needed: a missing or present GPU is simulated by patching ``torch.cuda``, and PyTorch's
 ``meta`` device (tensors without data) stands in for a GPU where device placement is checked. A meta
 tensor refuses to meet a CPU tensor in one operation exactly as a CUDA tensor does, so a forgotten
-``.to(device)`` fails these tests.
+``.to(device)`` fails these tests. A training loop on meta runs its forward passes, losses, backward
+passes and optimiser steps, then stops where it first reads a number back (``float(loss)``: meta
+tensors hold no values); that error, and no other, is what a correctly placed loop raises.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +24,15 @@ from crossmoda_lib import translation as tr
 
 ROOT = Path(__file__).resolve().parent.parent
 META = torch.device("meta")
+#: What a loop placed entirely on the meta device raises when it first reads a loss back.
+READ_BACK = r"item\(\) cannot be called on meta tensors"
+
+
+@pytest.fixture
+def meta_device(monkeypatch):
+    """``device="meta"`` accepted by the stages (the profile setting itself never allows it)."""
+    use = devices.use
+    monkeypatch.setattr(devices, "use", lambda spec="auto": META if str(spec) == "meta" else use(spec))
 
 
 @pytest.fixture
@@ -133,3 +145,34 @@ def test_a_resumed_image_pool_returns_images_on_the_query_device():
     outs = [resumed.query(torch.zeros(1, 1, 2, 2, device=META)) for _ in range(20)]
     assert all(o.device == META for o in outs)
 
+
+
+def test_a_cyclegan_step_runs_on_the_networks_device(tmp_path):
+    """Generators, discriminators, LSGAN / cycle / identity losses, both optimisers and the image
+    pools: one whole iteration on the device, from CPU crops moved there as train_cyclegan moves them."""
+    cfg = tr.CycleGANConfig(ngf=4, ndf=4, n_blocks=1, image_size=(32, 32), lambda_identity=0.5)
+    nets = tr.CycleGAN.build(cfg).to(META)
+    opt_g = torch.optim.Adam([*nets.G_A.parameters(), *nets.G_B.parameters()], lr=1e-3)
+    opt_d = torch.optim.Adam([*nets.D_A.parameters(), *nets.D_B.parameters()], lr=1e-3)
+    pool_a, pool_b = tr.ImagePool(2, 0), tr.ImagePool(2, 1)
+    real_a, real_b = torch.zeros(1, 1, 32, 32).to(META), torch.zeros(1, 1, 32, 32).to(META)
+    with pytest.raises(RuntimeError, match=READ_BACK):
+        tr.train_step(nets, real_a, real_b, opt_g, opt_d, pool_a, pool_b, cfg)
+    assert len(pool_a.images) == len(pool_b.images) == 1  # the discriminator half ran too
+
+
+def test_segmentation_training_runs_on_its_device(meta_device, tmp_path):
+    """Patches sampled and augmented on the CPU, then network, deep-supervised Dice + CE, gradient
+    clipping and the optimiser step on the device."""
+    cfg = segmentation.SegConfig(patch_size=(8, 16, 16), base_filters=4, max_filters=16, epochs=1, iterations_per_epoch=1, val_every=0)
+    image = np.random.default_rng(0).random((12, 24, 24)).astype(np.float32)
+    case = segmentation.Case("crossmoda2021_ldn_1", image, (image > 0.8).astype(np.uint8))
+    with pytest.raises(RuntimeError, match=READ_BACK):
+        segmentation.train([case], [], cfg, tmp_path / "model", progress=False, device="meta")
+
+
+def test_singan_training_runs_on_its_device(meta_device, tmp_path):
+    """Critic steps with the gradient penalty, generator steps with the reconstruction loss."""
+    cfg = sg.SinGANConfig(scale_factor=0.75, min_size=12, max_size=24, ker_size=3, num_layer=3, nfc=4, max_nfc=8, niter=2)
+    with pytest.raises(RuntimeError, match=READ_BACK):
+        sg.train_singan(torch.rand(1, 1, 24, 20) * 2 - 1, cfg, tmp_path / "singan", progress=False, device="meta")
