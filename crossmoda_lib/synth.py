@@ -711,7 +711,9 @@ def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: s
 
     Raises:
         DataError: the folder holds a cohort of another generator version (its images would differ
-            from what this code makes from the same seed).
+            from what this code makes from the same seed), or one made with another seed, number of
+            cases or field of view than asked for (a changed profile would otherwise run on the old
+            cohort).
     """
     data_dir = Path(data_dir)
     if data_dir.exists() and any(data_dir.iterdir()):
@@ -723,6 +725,12 @@ def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: s
                     f"{data_dir}: synthetic cohort of generator version {made.get('generator_version')}, this code makes "
                     f"{GENERATOR_VERSION}; delete the folder and the run's stage folders made from it to regenerate"
                 )
+            if made.get("generator") == GENERATOR:
+                asked = {"seed": seed, "cases_per_centre": cases_per_centre, "fov": fov}
+                differ = {k: (made[k], v) for k, v in asked.items() if k in made and made[k] != v}
+                if differ:
+                    said = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in differ.items())
+                    raise cio.DataError(f"{data_dir}: holds a synthetic cohort made with {said}; delete the folder and the run's stage folders made from it to regenerate, or set data_dir to another folder")
         return data_dir, False
     generate_cohort(data_dir, seed=seed, cases_per_centre=cases_per_centre, fov=fov, overwrite=True)
     return data_dir, True

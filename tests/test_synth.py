@@ -171,6 +171,20 @@ def test_a_cohort_of_another_generator_version_is_refused(tmp_path):
     assert synth.ensure_cohort(data, 0, 3, "roi") == (data, False)
 
 
+def test_a_cohort_made_with_other_settings_is_refused(tmp_path):
+    """A profile whose seed, size or field of view changed must not run on the cohort of before."""
+    data = tmp_path / "data"
+    data.mkdir()
+    made = {"generator": "crossmoda_lib.synth", "generator_version": synth.GENERATOR_VERSION, "seed": 0, "cases_per_centre": 8, "fov": "roi"}
+    (data / "manifest.json").write_text(json.dumps(made))
+    assert synth.ensure_cohort(data, 0, 8, "roi") == (data, False)
+    with pytest.raises(cio.DataError, match=r"data: holds a synthetic cohort made with cases_per_centre 8 \(asked: 16\); delete"):
+        synth.ensure_cohort(data, 0, 16, "roi")
+    with pytest.raises(cio.DataError, match=r"seed 0 \(asked: 1\), cases_per_centre 8 \(asked: 4\), fov 'roi' \(asked: 'head'\)"):
+        synth.ensure_cohort(data, 1, 4, "head")
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json"]  # nothing written
+
+
 def test_tilburg_files_use_scaled_integer_storage(cohort):
     for path in sorted(cohort.glob("*/crossmoda2022_etz_*_ceT1.nii.gz")) + sorted(cohort.glob("*/crossmoda2022_etz_*_hrT2.nii.gz")):
         raw = gzip.decompress(path.read_bytes())
