@@ -37,9 +37,10 @@ def parse(spec: str | torch.device | None) -> str:
         spec = str(spec)
     if spec is None:
         return "auto"
-    if not isinstance(spec, str) or not (spec.strip().lower() in ("auto", "cpu") or _CUDA.fullmatch(spec.strip().lower())):
+    setting = spec.strip().lower() if isinstance(spec, str) else None
+    if setting not in ("auto", "cpu") and not (setting and _CUDA.fullmatch(setting)):
         raise DeviceError(f"device {spec!r} is not one of {DEVICE_CHOICES}")
-    return spec.strip().lower()
+    return setting
 
 
 def resolve(spec: str | torch.device | None = "auto") -> torch.device:
