@@ -147,12 +147,32 @@ def label_image(array: np.ndarray, grid: pp.Lattice | sitk.Image) -> sitk.Image:
     return out
 
 
-def segment(original: sitk.Image, vs: Ensemble, cochlea: Ensemble, pre: pp.PreprocessConfig, grids: list[pp.Lattice | sitk.Image] | None = None, *, keep_largest_vs: bool = True, cochlea_components: int = 0) -> list[sitk.Image]:
+def segment(original: sitk.Image, vs: Ensemble, cochlea: Ensemble, pre: pp.PreprocessConfig, grids: list[pp.Lattice | sitk.Image] | None = None, *, keep_largest_vs: bool = True, cochlea_components: int = 0, report: dict | None = None) -> list[sitk.Image]:
     """Label images of one original hrT2 on each of ``grids`` (default: the original grid only);
-    post-processing as :func:`compose_label`."""
+    post-processing as :func:`compose_label`. ``report``, when given, receives
+    :func:`cochlea_report` of the first grid: what the cochlea post-processing removed."""
     grids = grids or [original]
     p_vs, p_co = probability(original, vs, pre), probability(original, cochlea, pre)
-    return [label_image(compose_label(probability_on(p_vs, g), probability_on(p_co, g), keep_largest_vs, cochlea_components), g) for g in grids]
+    labels = []
+    for i, g in enumerate(grids):
+        p_cochlea = probability_on(p_co, g)
+        label = compose_label(probability_on(p_vs, g), p_cochlea, keep_largest_vs, cochlea_components)
+        if report is not None and i == 0:
+            spacing = g.GetSpacing() if isinstance(g, sitk.Image) else g.spacing
+            report.update(cochlea_report(p_cochlea > 0.5, label == 2, float(np.prod(spacing))))
+        labels.append(label_image(label, g))
+    return labels
+
+
+def cochlea_report(before: np.ndarray, after: np.ndarray, voxel_mm3: float) -> dict:
+    """Connected components (6-connectivity, as the post-processing counts them) of the thresholded
+    cochlea probability ``before`` and of the written cochlea ``after``, and the mm3 removed between
+    them."""
+    from scipy import ndimage
+
+    found, kept = ndimage.label(before)[1], ndimage.label(after)[1]
+    removed = int(np.count_nonzero(before & ~after))
+    return {"cochlea_components_found": int(found), "cochlea_components_kept": int(kept), "cochlea_mm3_removed": round(removed * voxel_mm3, 2)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +291,9 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
     networks run (:func:`crossmoda_lib.devices.resolve`; checked before anything is read).
 
     Returns:
-        One row per case: file, output, size, seconds, voxels of VS and cochlea.
+        One row per case: file, output, seconds, status, voxels of VS and cochlea, and
+        :func:`cochlea_report` (components found and kept, mm3 removed); a kept prediction has the
+        file names and status only.
     """
     import time
 
@@ -296,8 +318,9 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
             continue
         t0 = time.perf_counter()
         original = sitk.ReadImage(str(path))
-        (label,) = segment(original, bundle.vs, bundle.cochlea, bundle.preprocess, keep_largest_vs=bundle.keep_largest_vs, cochlea_components=bundle.cochlea_components)
+        report: dict = {}
+        (label,) = segment(original, bundle.vs, bundle.cochlea, bundle.preprocess, keep_largest_vs=bundle.keep_largest_vs, cochlea_components=bundle.cochlea_components, report=report)
         cio.write_image(label, target)
         arr = sitk.GetArrayViewFromImage(label)
-        rows.append({"image": path.name, "label": target.name, "seconds": round(time.perf_counter() - t0, 2), "status": "written", "vs_voxels": int((arr == 1).sum()), "cochlea_voxels": int((arr == 2).sum())})
+        rows.append({"image": path.name, "label": target.name, "seconds": round(time.perf_counter() - t0, 2), "status": "written", "vs_voxels": int((arr == 1).sum()), "cochlea_voxels": int((arr == 2).sum()), **report})
     return rows

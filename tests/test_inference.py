@@ -91,6 +91,27 @@ def test_predictions_have_the_input_geometry_and_crossmoda_values(tmp_path, coho
     os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
     changed = inference.predict_folder(cohort / "validation", tmp_path / "pred", bundle_dir, progress=False)
     assert {r["status"] for r in changed} == {"written"}
+    # Each written row says what the cochlea post-processing (here: every component kept) removed.
+    for row in changed:
+        written = sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "pred" / row["label"])))
+        assert row["cochlea_voxels"] == int((written == 2).sum()) and row["cochlea_mm3_removed"] == 0.0
+        assert row["cochlea_components_kept"] == row["cochlea_components_found"]
+
+
+def test_the_cochlea_report_counts_components_and_the_volume_removed():
+    """Two cochlea-sized blobs and a small piece on a 0.5 x 0.5 x 1.0 mm grid (0.25 mm3 per voxel):
+    keeping the two largest removes the piece, 2 x 3 x 4 voxels = 6 mm3; a diagonal-only contact
+    does not join two components (6-connectivity, as the post-processing)."""
+    before = np.zeros((10, 20, 30), bool)
+    before[1:5, 2:8, 2:8] = True  # 144 voxels
+    before[1:6, 10:16, 20:26] = True  # 180 voxels
+    before[7:9, 15:18, 10:14] = True  # 24 voxels, the piece
+    before[5, 8, 8] = True  # touches the first blob at a corner only: a fourth component, 1 voxel
+    after = segmentation.largest_components(before, 2).astype(bool)
+    report = inference.cochlea_report(before, after, 0.5 * 0.5 * 1.0)
+    assert report == {"cochlea_components_found": 4, "cochlea_components_kept": 2, "cochlea_mm3_removed": 6.25}
+    assert inference.cochlea_report(before, before, 0.25)["cochlea_mm3_removed"] == 0.0
+    assert inference.cochlea_report(before & False, before & False, 0.25) == {"cochlea_components_found": 0, "cochlea_components_kept": 0, "cochlea_mm3_removed": 0.0}
 
 
 def test_bundle_records_the_cochlea_post_processing(tmp_path):
