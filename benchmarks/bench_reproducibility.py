@@ -13,7 +13,7 @@ generator's weights, and whether it equals the first row's. The first two rows r
 
     .venv/bin/python benchmarks/bench_reproducibility.py [--run outputs/demo] [--iterations 100]
 
-Measured on the demo (README, "Measured results"): the full 6600 iterations under AVX-512 and under
+Measured on the demo (docs/experiments.md): the full 6600 iterations under AVX-512 and under
 AVX2 kernels gave translations that a VS oracle scores 0.04 and 0.33.
 """
 

@@ -178,7 +178,7 @@ def versions() -> dict[str, str]:
 def machine() -> dict:
     """What the numbers of a run depend on besides code, parameters and seed: the CPU model, the
     threads torch uses, and the CPU kernel family (torch's capability, and the ``ATEN_CPU_CAPABILITY``
-    and ``ONEDNN_MAX_CPU_ISA`` variables that override it when set; README, "Measured results"). The
+    and ``ONEDNN_MAX_CPU_ISA`` variables that override it when set; docs/experiments.md). The
     same seed gives the same numbers only on machines that agree on all of them."""
     import os
 
