@@ -157,10 +157,9 @@ def segment(original: sitk.Image, vs: Ensemble, cochlea: Ensemble, pre: pp.Prepr
     for i, g in enumerate(grids):
         p_cochlea = probability_on(p_co, g)
         label = compose_label(probability_on(p_vs, g), p_cochlea, keep_largest_vs, cochlea_components)
-        if report is not None and i == 0:
-            spacing = g.GetSpacing() if isinstance(g, sitk.Image) else g.spacing
-            report.update(cochlea_report(p_cochlea > 0.5, label == 2, float(np.prod(spacing))))
         labels.append(label_image(label, g))
+        if report is not None and i == 0:
+            report.update(cochlea_report(p_cochlea > 0.5, label == 2, float(np.prod(labels[0].GetSpacing()))))
     return labels
 
 

@@ -100,8 +100,8 @@ def test_predictions_have_the_input_geometry_and_crossmoda_values(tmp_path, coho
 
 def test_the_cochlea_report_counts_components_and_the_volume_removed():
     """Two cochlea-sized blobs and a small piece on a 0.5 x 0.5 x 1.0 mm grid (0.25 mm3 per voxel):
-    keeping the two largest removes the piece, 2 x 3 x 4 voxels = 6 mm3; a diagonal-only contact
-    does not join two components (6-connectivity, as the post-processing)."""
+    keeping the two largest removes the piece (2 x 3 x 4 voxels) and a voxel that touches a blob at a
+    corner only (6-connectivity, as the post-processing: a component of its own), 25 x 0.25 mm3."""
     before = np.zeros((10, 20, 30), bool)
     before[1:5, 2:8, 2:8] = True  # 144 voxels
     before[1:6, 10:16, 20:26] = True  # 180 voxels
