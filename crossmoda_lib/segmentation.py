@@ -351,7 +351,7 @@ def make_loss():
     return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
-def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, pd.DataFrame]:
+def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True, device: str | torch.device = "cpu", init_from: Path | str | None = None) -> tuple[torch.nn.Module, pd.DataFrame]:
     """Train (or resume, or reuse) one binary model; ``checkpoint.pt`` and ``history.csv`` in ``out_dir``.
 
     Args:
@@ -363,6 +363,10 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
         progress: progress bar.
         device: where the network trains (:func:`crossmoda_lib.devices.resolve`); patches are
             drawn and augmented on the CPU, so their random draws are the same on every device.
+        init_from: a finished model folder (``fold_k``) whose weights start this training instead
+            of the seeded initialisation (warm start; the optimiser and the schedule start afresh).
+            Its network must have this plan's shapes (:func:`check_warm_start`). Recorded in the
+            checkpoint, so a resume with another (or no) ``init_from`` is refused.
 
     Returns:
         The network (eval mode, on ``device``) and the per-epoch history (loss, lr, validation Dice).
@@ -380,6 +384,8 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     loss_fn = make_loss()
     epoch, history, finished = 0, [], False
     key = {"config": cfg.as_dict(), "cases": [c.name for c in cases]}
+    if init_from is not None:
+        key["init_from"] = str(init_from)
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         # A checkpoint written before a setting existed holds that setting's default.
@@ -393,6 +399,8 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
         torch.set_rng_state(saved["torch"])
         epoch, history, finished = saved["epoch"], saved["history"], saved["finished"]
     else:
+        if init_from is not None:
+            net.load_state_dict(warm_start_weights(init_from, cfg))
         torch.manual_seed(cfg.seed + 2)
 
     def checkpoint() -> None:
@@ -442,6 +450,29 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     bar.close()
     net.eval()
     return net, pd.DataFrame(history)
+
+
+def warm_start_weights(model_dir: Path | str, cfg: SegConfig) -> dict:
+    """The weights of the finished model in ``model_dir``, checked to fit a network planned from
+    ``cfg`` (:func:`check_warm_start`); a ValueError naming the folder otherwise."""
+    saved = torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    if not saved["finished"]:
+        raise ValueError(f"{model_dir}: cannot warm-start from it: its training has not finished (epoch {saved['epoch']})")
+    check_warm_start(SegConfig.from_dict(saved["key"]["config"]), cfg, model_dir)
+    return saved["net"]
+
+
+def check_warm_start(teacher: SegConfig, student: SegConfig, where: Path | str) -> None:
+    """A ValueError naming ``where`` unless the two settings build networks of the same shapes
+    (the plan's kernels and strides, and the filters), so that one can start from the other."""
+    a, b = teacher.plan, student.plan
+    shape = lambda c, p: (p.kernels, p.strides, c.base_filters, c.max_filters)  # noqa: E731
+    if shape(teacher, a) != shape(student, b):
+        raise ValueError(
+            f"{where}: cannot warm-start from it: its network (kernels {a.kernels}, strides {a.strides}, {teacher.base_filters} base filters) "
+            f"differs from the one to train (kernels {b.kernels}, strides {b.strides}, {student.base_filters} base filters); "
+            "a finer final_spacing or another patch size changes the plan, so train from scratch there"
+        )
 
 
 def load_model(model_dir: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, SegConfig]:
@@ -603,6 +634,7 @@ class StructureJob(NamedTuple):
     folds: int
     out_dir: Path
     clip_percentile: float | None = None
+    init_from: Path | None = None  # a model folder whose fold k (or its only fold) starts fold k
 
 
 class _FoldTask(NamedTuple):
@@ -614,6 +646,7 @@ class _FoldTask(NamedTuple):
     out_dir: Path
     clip_percentile: float | None
     device: str = "cpu"
+    init_from: Path | None = None
 
 
 def _fold_tasks(job: StructureJob, device: str = "cpu") -> list[_FoldTask]:
@@ -626,8 +659,19 @@ def _fold_tasks(job: StructureJob, device: str = "cpu") -> list[_FoldTask]:
         val_names = {names[i] for i in val_idx}
         train_pairs = [p for p in job.pairs if p.case in train_names]
         val_pairs = [p for p in job.pairs if p.case in val_names and not p.augmented]
-        tasks.append(_FoldTask(job.structure, k, train_pairs, val_pairs, job.cfg, Path(job.out_dir) / f"fold_{k}", job.clip_percentile, device))
+        init = None if job.init_from is None else warm_start_fold(job.init_from, k)
+        tasks.append(_FoldTask(job.structure, k, train_pairs, val_pairs, job.cfg, Path(job.out_dir) / f"fold_{k}", job.clip_percentile, device, init))
     return tasks
+
+
+def warm_start_fold(model_dir: Path | str, k: int) -> Path:
+    """The fold of ``model_dir``'s ensemble that starts fold ``k`` of a warm-started one: fold ``k``
+    when the ensemble has it, else its last (a one-model teacher starts every fold)."""
+    manifest_path = Path(model_dir) / "manifest.json"
+    if not manifest_path.exists():
+        raise cio.DataError(f"{model_dir}: no trained model to warm-start from (manifest.json missing)")
+    folds = max(1, int(json.loads(manifest_path.read_text())["folds"]))
+    return Path(model_dir) / f"fold_{min(k, folds - 1)}"
 
 
 def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
@@ -637,7 +681,7 @@ def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
     def load(p: Pair) -> Case:
         return load_case(p.image, p.label, value, task.clip_percentile if p.real else None)
 
-    _, history = train([load(p) for p in task.train_pairs], [load(p) for p in task.val_pairs], task.cfg, task.out_dir, progress=progress, device=task.device)
+    _, history = train([load(p) for p in task.train_pairs], [load(p) for p in task.val_pairs], task.cfg, task.out_dir, progress=progress, device=task.device, init_from=task.init_from)
     has_val = "val_dice" in history and history.val_dice.notna().any()
     return {"structure": task.structure, "fold": task.fold, "train_volumes": len(task.train_pairs), "val_volumes": len(task.val_pairs), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan")}
 
@@ -712,7 +756,7 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
     tables, remaining = [], iter(rows)
     for job, group in zip(jobs, per_job):
         table = pd.DataFrame([next(remaining) for _ in group])
-        save_manifest(job.out_dir, {"structure": job.structure, "folds": job.folds, "settings": job.cfg.as_dict(), "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in job.pairs], "clip_percentile": job.clip_percentile, "summary": table.to_dict("records")})
+        save_manifest(job.out_dir, {"structure": job.structure, "folds": job.folds, "settings": job.cfg.as_dict(), "init_from": None if job.init_from is None else str(job.init_from), "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in job.pairs], "clip_percentile": job.clip_percentile, "summary": table.to_dict("records")})
         tables.append(table)
     return tables
 
@@ -726,6 +770,14 @@ def manifest_pairs(manifest: dict, *, real: bool | None = None) -> list[Pair]:
     """The training pairs recorded in a model manifest (optionally only the real or the non-real ones)."""
     pairs = [Pair(c, Path(i), Path(lab), bool(a), bool(r)) for c, i, lab, a, r in manifest["training_pairs"]]
     return [p for p in pairs if real is None or p.real == real]
+
+
+def load_ensemble_settings(model_dir: Path | str) -> SegConfig:
+    """The settings of a structure's trained model folder (from its ``manifest.json``)."""
+    manifest_path = Path(model_dir) / "manifest.json"
+    if not manifest_path.exists():
+        raise cio.DataError(f"{model_dir}: no trained model (manifest.json missing)")
+    return SegConfig.from_dict(json.loads(manifest_path.read_text())["settings"])
 
 
 def load_ensemble(model_dir: Path | str, device: str | torch.device = "cpu") -> tuple[list[torch.nn.Module], SegConfig, dict]:

@@ -51,6 +51,10 @@ class SelfTrainingConfig:
         cochlea_components: the cochlea pseudo-labels keep their this-many largest components (0:
             all, the paper; 2: one per ear, not in the paper), as ``compose_label``. The VS keeps
             its largest, as the paper does for every VS model.
+        warm_start: each round's models start from their teacher's weights (fold k from fold k)
+            instead of a fresh initialisation; the schedule restarts. False: retrain from scratch,
+            as nnU-Net does (the paper says nothing else). Needs networks of the same shapes, so
+            not with a ``final_spacing`` or ``final_patch_size`` that changes the plan.
     """
 
     rounds: int = 3
@@ -61,6 +65,7 @@ class SelfTrainingConfig:
     folds: int = 5
     cochlea_clip_percentile: float | None = 95.0
     cochlea_components: int = 0
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -125,6 +130,16 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
     return pairs, pd.DataFrame(rows)
 
 
+def student_settings(stage06: Path | str, structure: str, cfg: SelfTrainingConfig, spacing_xyz: tuple[float, float, float], final: bool) -> seg.SegConfig:
+    """A round's settings for ``structure``: stage 06's, on the round's grid, for the round's epochs
+    (and, in the final round, ``final_patch_size`` when given)."""
+    base = json.loads((Path(stage06) / structure / "manifest.json").read_text())
+    settings = replace(seg.SegConfig.from_dict(base["settings"]), spacing=tuple(round(s, 4) for s in spacing_xyz[::-1]), epochs=cfg.final_epochs if final else cfg.round_epochs)
+    if final and cfg.final_patch_size is not None:
+        settings = replace(settings, patch_size=tuple(cfg.final_patch_size))
+    return settings
+
+
 def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu") -> dict:
     """Run (or resume, or reuse) round ``k``; returns its manifest. ``workers``: processes that train
     the round's models side by side (:func:`crossmoda_lib.segmentation.train_structures`); ``device``:
@@ -143,18 +158,19 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     pre = preprocess_settings(stage01)
     spacing = tuple(cfg.final_spacing) if final else pre.spacing
     teacher = teacher_dirs(stage06, root, k)
+    settings = {structure: student_settings(stage06, structure, cfg, spacing, final) for structure in seg.STRUCTURES}
+    if cfg.warm_start:  # checked before any pseudo-label is made
+        for structure, student in settings.items():
+            seg.check_warm_start(seg.load_ensemble_settings(teacher[structure]), student, teacher[structure])
     real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, cochlea_components=cfg.cochlea_components, progress=progress, device=device)
     cio.write_text_atomic(out / "pseudo_label_dice.csv", dice.assign(round=k).to_csv(index=False))
     jobs = []
     for structure in seg.STRUCTURES:
         base = json.loads((Path(stage06) / structure / "manifest.json").read_text())
-        settings = seg.SegConfig.from_dict(base["settings"])
-        settings = replace(settings, spacing=tuple(round(s, 4) for s in spacing[::-1]), epochs=cfg.final_epochs if final else cfg.round_epochs)
-        if final and cfg.final_patch_size is not None:
-            settings = replace(settings, patch_size=tuple(cfg.final_patch_size))
         pairs = real_pairs if final else seg.manifest_pairs(base, real=False) + real_pairs
         clip = cfg.cochlea_clip_percentile if structure == "cochlea" else None
-        jobs.append(seg.StructureJob(pairs, structure, settings, cfg.folds, out / structure, clip))
+        init = teacher[structure] if cfg.warm_start else None
+        jobs.append(seg.StructureJob(pairs, structure, settings[structure], cfg.folds, out / structure, clip, init))
     tables = seg.train_structures(jobs, workers=workers, progress=progress, device=device)
     summaries = [table.assign(training_volumes=len(job.pairs), real_volumes=len(real_pairs)) for job, table in zip(jobs, tables)]
     manifest = {

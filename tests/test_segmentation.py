@@ -229,3 +229,44 @@ def test_a_failing_worker_names_its_model_and_stops_the_run(tmp_path):
     with pytest.raises(ValueError, match=r"cochlea/fold_0/checkpoint.pt: checkpoint was made with other settings"):
         seg.train_structures(jobs, workers=2, progress=False)
     assert not (tmp_path / "vs" / "manifest.json").exists()
+
+
+def test_warm_start_begins_from_the_teacher_and_is_recorded(tmp_path):
+    """A warm-started model's first loss is the teacher's level, not a fresh network's; zero
+    epochs of training leave exactly the teacher's weights; resuming with another start is refused;
+    a network of other shapes is refused, naming the teacher's folder."""
+    cases = _toy_cases()
+    teacher, _ = seg.train(cases, [], TOY, tmp_path / "teacher", progress=False)
+    # epochs=0: the student is its start, bit for bit.
+    zero = seg.SegConfig(**{**TOY.__dict__, "epochs": 0})
+    copy, _ = seg.train(cases, [], zero, tmp_path / "copy", progress=False, init_from=tmp_path / "teacher")
+    assert all(torch.equal(v, copy.state_dict()[k]) for k, v in teacher.state_dict().items())
+    short = seg.SegConfig(**{**TOY.__dict__, "epochs": 1, "val_every": 0})
+    _, fresh = seg.train(cases, [], short, tmp_path / "fresh", progress=False)
+    _, warm = seg.train(cases, [], short, tmp_path / "warm", progress=False, init_from=tmp_path / "teacher")
+    assert warm.loss.iloc[0] < fresh.loss.iloc[0]
+    with pytest.raises(ValueError, match="other settings"):  # the start is part of the checkpoint's key
+        seg.train(cases, [], short, tmp_path / "warm", progress=False)
+    wider = seg.SegConfig(**{**TOY.__dict__, "base_filters": 8})
+    with pytest.raises(ValueError, match="teacher: cannot warm-start"):
+        seg.train(cases, [], wider, tmp_path / "wide", progress=False, init_from=tmp_path / "teacher")
+    finer = seg.SegConfig(**{**TOY.__dict__, "spacing": (1.0, 0.4, 0.4)})  # z keeps kernel 1 at the first level
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        seg.check_warm_start(TOY, finer, tmp_path / "teacher")
+    seg.check_warm_start(TOY, short, tmp_path / "teacher")  # epochs do not change the network
+
+
+def test_warm_started_ensembles_take_the_teachers_fold(tmp_path):
+    pairs = _toy_pairs(tmp_path / "data")
+    cfg = seg.SegConfig(**{**TOY.__dict__, "epochs": 1, "val_every": 0, "lr": 0.0})  # SGD at lr 0 leaves the start as it is
+    seg.train_structure(pairs, "vs", seg.SegConfig(**{**TOY.__dict__, "epochs": 1, "val_every": 0}), 1, tmp_path / "teacher", progress=False)
+    assert seg.warm_start_fold(tmp_path / "teacher", 0) == tmp_path / "teacher" / "fold_0"
+    assert seg.warm_start_fold(tmp_path / "teacher", 3) == tmp_path / "teacher" / "fold_0"  # one model starts every fold
+    seg.train_structures([seg.StructureJob(pairs, "vs", cfg, 2, tmp_path / "student", None, tmp_path / "teacher")], progress=False)
+    teacher = _weights(tmp_path / "teacher" / "fold_0")
+    for k in (0, 1):
+        student = _weights(tmp_path / "student" / f"fold_{k}")
+        assert all(torch.equal(teacher[key], student[key]) for key in teacher)
+    assert '"init_from": "' in (tmp_path / "student" / "manifest.json").read_text()
+    with pytest.raises(Exception, match="manifest.json missing"):
+        seg.warm_start_fold(tmp_path / "nowhere", 0)

@@ -35,3 +35,26 @@ def test_a_finished_round_is_reused_only_with_the_same_settings(tmp_path):
     (out / "manifest.json").write_text(json.dumps({"settings": {**older, "a_setting_this_version_lacks": 1}, "round": 1}))
     with pytest.raises(ValueError, match="round_1"):  # only missing settings take their default
         selftraining.run_round(1, cfg, missing, missing, missing, tmp_path, progress=False)
+
+
+def test_warm_start_with_another_network_is_refused_before_any_pseudo_label(tmp_path):
+    """A final round at a finer spacing plans another network (the z axis keeps kernel 1 at 0.4 mm):
+    warm-starting it from the teacher is refused, naming the teacher's folder, before round 1's
+    teacher segments anything (the data folder does not even exist)."""
+    from crossmoda_lib import preprocess as pp
+    from crossmoda_lib import segmentation as seg
+
+    stage01, stage06 = tmp_path / "01", tmp_path / "06"
+    stage01.mkdir()
+    (stage01 / "manifest.json").write_text(json.dumps({"settings": json.loads(json.dumps(asdict(pp.PreprocessConfig())))}))
+    teacher = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=(16, 32, 32), base_filters=4, max_filters=16)
+    for structure in seg.STRUCTURES:
+        (stage06 / structure).mkdir(parents=True)
+        (stage06 / structure / "manifest.json").write_text(json.dumps({"settings": teacher.as_dict(), "folds": 1, "training_pairs": []}))
+    cfg = selftraining.SelfTrainingConfig(rounds=1, round_epochs=1, final_epochs=1, final_spacing=(0.4, 0.4, 1.0), folds=1, warm_start=True)
+    with pytest.raises(ValueError, match=r"06/vs: cannot warm-start"):
+        selftraining.run_round(1, cfg, tmp_path / "no_data", stage01, stage06, tmp_path / "07", progress=False)
+    assert not (tmp_path / "07").exists()
+    same_grid = replace(cfg, final_spacing=(0.6, 0.6, 1.0))  # passes the check, then needs the data
+    with pytest.raises(Exception, match="no_data"):
+        selftraining.run_round(1, same_grid, tmp_path / "no_data", stage01, stage06, tmp_path / "07", progress=False)
