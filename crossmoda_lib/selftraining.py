@@ -51,10 +51,11 @@ class SelfTrainingConfig:
         cochlea_components: the cochlea pseudo-labels keep their this-many largest components (0:
             all, the paper; 2: one per ear, not in the paper), as ``compose_label``. The VS keeps
             its largest, as the paper does for every VS model.
-        warm_start: each round's models start from their teacher's weights (fold k from fold k)
-            instead of a fresh initialisation; the schedule restarts. False: retrain from scratch,
-            as nnU-Net does (the paper says nothing else). Needs networks of the same shapes, so
-            not with a ``final_spacing`` or ``final_patch_size`` that changes the plan.
+        warm_start: the structures (``"vs"``, ``"cochlea"``) whose models start each round from
+            their teacher's weights (fold k from fold k) instead of a fresh initialisation; the
+            schedule restarts. Empty: every model retrains from scratch, as nnU-Net does (the paper
+            says nothing else). Needs networks of the same shapes, so not with a
+            ``final_spacing`` or ``final_patch_size`` that changes the plan.
     """
 
     rounds: int = 3
@@ -65,12 +66,15 @@ class SelfTrainingConfig:
     folds: int = 5
     cochlea_clip_percentile: float | None = 95.0
     cochlea_components: int = 0
-    warm_start: bool = False
+    warm_start: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError(f"rounds must be 0 (no self-training: stage 06's models are final) or more, not {self.rounds}")
         seg.check_component_count(self.cochlea_components)
+        if isinstance(self.warm_start, (str, bool)) or any(s not in seg.STRUCTURES for s in self.warm_start):
+            raise ValueError(f"warm_start must list structures among {sorted(seg.STRUCTURES)} (empty: none), not {self.warm_start!r}")
+        object.__setattr__(self, "warm_start", tuple(self.warm_start))
 
 
 def preprocess_settings(stage01: Path | str) -> pp.PreprocessConfig:
@@ -159,8 +163,8 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     spacing = tuple(cfg.final_spacing) if final else pre.spacing
     teacher = teacher_dirs(stage06, root, k)
     settings = {structure: student_settings(stage06, structure, cfg, spacing, final) for structure in seg.STRUCTURES}
-    if cfg.warm_start:  # checked before any pseudo-label is made
-        for structure, student in settings.items():
+    for structure, student in settings.items():  # checked before any pseudo-label is made
+        if structure in cfg.warm_start:
             seg.check_warm_start(seg.load_ensemble_settings(teacher[structure]), student, teacher[structure])
     real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, cochlea_components=cfg.cochlea_components, progress=progress, device=device)
     cio.write_text_atomic(out / "pseudo_label_dice.csv", dice.assign(round=k).to_csv(index=False))
@@ -169,7 +173,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
         base = json.loads((Path(stage06) / structure / "manifest.json").read_text())
         pairs = real_pairs if final else seg.manifest_pairs(base, real=False) + real_pairs
         clip = cfg.cochlea_clip_percentile if structure == "cochlea" else None
-        init = teacher[structure] if cfg.warm_start else None
+        init = teacher[structure] if structure in cfg.warm_start else None
         jobs.append(seg.StructureJob(pairs, structure, settings[structure], cfg.folds, out / structure, clip, init))
     tables = seg.train_structures(jobs, workers=workers, progress=progress, device=device)
     summaries = [table.assign(training_volumes=len(job.pairs), real_volumes=len(real_pairs)) for job, table in zip(jobs, tables)]

@@ -17,6 +17,11 @@ def test_settings_are_checked():
         with pytest.raises(ValueError, match="cochlea_components"):
             selftraining.SelfTrainingConfig(cochlea_components=bad)
     assert selftraining.SelfTrainingConfig().cochlea_components == 0  # the paper: every component
+    for bad in (True, "vs", ("vs", "brain")):
+        with pytest.raises(ValueError, match="warm_start"):
+            selftraining.SelfTrainingConfig(warm_start=bad)
+    assert selftraining.SelfTrainingConfig(warm_start=["vs"]).warm_start == ("vs",)  # a YAML list
+    assert selftraining.SelfTrainingConfig().warm_start == ()  # the paper: from scratch
 
 
 def test_a_finished_round_is_reused_only_with_the_same_settings(tmp_path):
@@ -51,7 +56,7 @@ def test_warm_start_with_another_network_is_refused_before_any_pseudo_label(tmp_
     for structure in seg.STRUCTURES:
         (stage06 / structure).mkdir(parents=True)
         (stage06 / structure / "manifest.json").write_text(json.dumps({"settings": teacher.as_dict(), "folds": 1, "training_pairs": []}))
-    cfg = selftraining.SelfTrainingConfig(rounds=1, round_epochs=1, final_epochs=1, final_spacing=(0.4, 0.4, 1.0), folds=1, warm_start=True)
+    cfg = selftraining.SelfTrainingConfig(rounds=1, round_epochs=1, final_epochs=1, final_spacing=(0.4, 0.4, 1.0), folds=1, warm_start=("vs",))
     with pytest.raises(ValueError, match=r"06/vs: cannot warm-start"):
         selftraining.run_round(1, cfg, tmp_path / "no_data", stage01, stage06, tmp_path / "07", progress=False)
     assert not (tmp_path / "07").exists()
