@@ -455,11 +455,9 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
 def warm_start_weights(model_dir: Path | str, cfg: SegConfig) -> dict:
     """The weights of the finished model in ``model_dir``, checked to fit a network planned from
     ``cfg`` (:func:`check_warm_start`); a ValueError naming the folder otherwise."""
-    saved = torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    if not saved["finished"]:
-        raise ValueError(f"{model_dir}: cannot warm-start from it: its training has not finished (epoch {saved['epoch']})")
-    check_warm_start(SegConfig.from_dict(saved["key"]["config"]), cfg, model_dir)
-    return saved["net"]
+    net, teacher = load_model(model_dir)  # refuses an unfinished model, naming its folder
+    check_warm_start(teacher, cfg, model_dir)
+    return net.state_dict()
 
 
 def check_warm_start(teacher: SegConfig, student: SegConfig, where: Path | str) -> None:
@@ -667,10 +665,7 @@ def _fold_tasks(job: StructureJob, device: str = "cpu") -> list[_FoldTask]:
 def warm_start_fold(model_dir: Path | str, k: int) -> Path:
     """The fold of ``model_dir``'s ensemble that starts fold ``k`` of a warm-started one: fold ``k``
     when the ensemble has it, else its last (a one-model teacher starts every fold)."""
-    manifest_path = Path(model_dir) / "manifest.json"
-    if not manifest_path.exists():
-        raise cio.DataError(f"{model_dir}: no trained model to warm-start from (manifest.json missing)")
-    folds = max(1, int(json.loads(manifest_path.read_text())["folds"]))
+    folds = max(1, int(model_manifest(model_dir)["folds"]))
     return Path(model_dir) / f"fold_{min(k, folds - 1)}"
 
 
@@ -772,21 +767,18 @@ def manifest_pairs(manifest: dict, *, real: bool | None = None) -> list[Pair]:
     return [p for p in pairs if real is None or p.real == real]
 
 
-def load_ensemble_settings(model_dir: Path | str) -> SegConfig:
-    """The settings of a structure's trained model folder (from its ``manifest.json``)."""
+def model_manifest(model_dir: Path | str) -> dict:
+    """The ``manifest.json`` of a structure's trained model folder (:func:`train_structures`)."""
     manifest_path = Path(model_dir) / "manifest.json"
     if not manifest_path.exists():
         raise cio.DataError(f"{model_dir}: no trained model (manifest.json missing)")
-    return SegConfig.from_dict(json.loads(manifest_path.read_text())["settings"])
+    return json.loads(manifest_path.read_text())
 
 
 def load_ensemble(model_dir: Path | str, device: str | torch.device = "cpu") -> tuple[list[torch.nn.Module], SegConfig, dict]:
     """Every finished fold of a structure's model folder (on ``device``), its settings and manifest."""
     model_dir = Path(model_dir)
-    manifest_path = model_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise cio.DataError(f"{model_dir}: no trained model (manifest.json missing)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = model_manifest(model_dir)
     nets, cfg = [], None
     for k in range(manifest["folds"] if manifest["folds"] > 1 else 1):
         net, cfg = load_model(model_dir / f"fold_{k}", device)

@@ -134,10 +134,9 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
     return pairs, pd.DataFrame(rows)
 
 
-def student_settings(stage06: Path | str, structure: str, cfg: SelfTrainingConfig, spacing_xyz: tuple[float, float, float], final: bool) -> seg.SegConfig:
-    """A round's settings for ``structure``: stage 06's, on the round's grid, for the round's epochs
-    (and, in the final round, ``final_patch_size`` when given)."""
-    base = json.loads((Path(stage06) / structure / "manifest.json").read_text())
+def student_settings(base: dict, cfg: SelfTrainingConfig, spacing_xyz: tuple[float, float, float], final: bool) -> seg.SegConfig:
+    """A round's settings for a structure: stage 06's (``base``, its model manifest), on the round's
+    grid, for the round's epochs (and, in the final round, ``final_patch_size`` when given)."""
     settings = replace(seg.SegConfig.from_dict(base["settings"]), spacing=tuple(round(s, 4) for s in spacing_xyz[::-1]), epochs=cfg.final_epochs if final else cfg.round_epochs)
     if final and cfg.final_patch_size is not None:
         settings = replace(settings, patch_size=tuple(cfg.final_patch_size))
@@ -162,15 +161,14 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     pre = preprocess_settings(stage01)
     spacing = tuple(cfg.final_spacing) if final else pre.spacing
     teacher = teacher_dirs(stage06, root, k)
-    settings = {structure: student_settings(stage06, structure, cfg, spacing, final) for structure in seg.STRUCTURES}
-    for structure, student in settings.items():  # checked before any pseudo-label is made
-        if structure in cfg.warm_start:
-            seg.check_warm_start(seg.load_ensemble_settings(teacher[structure]), student, teacher[structure])
+    bases = {structure: seg.model_manifest(Path(stage06) / structure) for structure in seg.STRUCTURES}
+    settings = {structure: student_settings(base, cfg, spacing, final) for structure, base in bases.items()}
+    for structure in cfg.warm_start:  # checked before any pseudo-label is made
+        seg.check_warm_start(seg.SegConfig.from_dict(seg.model_manifest(teacher[structure])["settings"]), settings[structure], teacher[structure])
     real_pairs, dice = pseudo_label_round(data_dir, stage01, teacher, out, spacing, cochlea_components=cfg.cochlea_components, progress=progress, device=device)
     cio.write_text_atomic(out / "pseudo_label_dice.csv", dice.assign(round=k).to_csv(index=False))
     jobs = []
-    for structure in seg.STRUCTURES:
-        base = json.loads((Path(stage06) / structure / "manifest.json").read_text())
+    for structure, base in bases.items():
         pairs = real_pairs if final else seg.manifest_pairs(base, real=False) + real_pairs
         clip = cfg.cochlea_clip_percentile if structure == "cochlea" else None
         init = teacher[structure] if structure in cfg.warm_start else None
