@@ -25,8 +25,9 @@ import yaml
 from crossmoda_lib import io as cio
 
 COMMON_KEYS = ("profile", "seed", "data_source", "data_dir", "output_dir", "synth_cases_per_centre", "synth_fov")
-#: Common keys a profile may leave out, with their defaults (``device``: :mod:`crossmoda_lib.devices`).
-OPTIONAL_COMMON = {"device": "auto"}
+#: Common keys a profile may leave out, with their defaults (``device``, ``cpu_kernels``:
+#: :mod:`crossmoda_lib.devices`).
+OPTIONAL_COMMON = {"device": "auto", "cpu_kernels": "native"}
 DATA_SOURCES = ("synthetic", "real")
 
 
@@ -85,6 +86,8 @@ def load_profile(path: Path | str) -> dict[str, Any]:
         devices.parse(common["device"])
     except devices.DeviceError as exc:
         raise ProfileError(f"{path}: common.device: {exc}") from exc
+    if common["cpu_kernels"] not in devices.CPU_KERNEL_CHOICES:
+        raise ProfileError(f"{path}: common.cpu_kernels must be one of {devices.CPU_KERNEL_CHOICES}, not {common['cpu_kernels']!r}")
     notebooks = data.get("notebooks") or {}
     if not isinstance(notebooks, dict) or not all(isinstance(v, dict) for v in notebooks.values()):
         raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")

@@ -13,7 +13,10 @@ gives other numbers than the same seed on a CPU, as two CPU kernel families alre
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -91,3 +94,67 @@ def describe(device: torch.device | str) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update({"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()})
     return info
+
+
+#: The values ``common.cpu_kernels`` accepts: ``native`` (torch picks the widest kernels this CPU
+#: has) or ``avx2`` (ATen's and oneDNN's AVX2 kernels on every x86-64 CPU that has them).
+CPU_KERNEL_CHOICES = ("native", "avx2")
+#: The variables torch reads, once per process, to cap its CPU kernels.
+CPU_KERNEL_VARIABLES = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def cpu_has_avx2(machine: str | None = None, cpuinfo: Path | str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU is an x86-64 whose ``/proc/cpuinfo`` lists AVX2 (False where it cannot tell:
+    forcing kernels the CPU lacks would end the process with an illegal instruction)."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64"):
+        return False
+    path = Path(cpuinfo)
+    if not path.is_file():
+        return False
+    return any(line.startswith("flags") and "avx2" in line.split() for line in path.read_text().splitlines())
+
+
+def cpu_kernel_environment(choice: str, *, has_avx2: bool | None = None) -> tuple[dict[str, str], str]:
+    """The environment variables that give ``choice``'s CPU kernels, and a note for the reader
+    (empty when nothing needs saying).
+
+    Why: another kernel width rounds differently, and a GAN turns rounding into another training
+    path, so the same seed gives other numbers on an AVX-512 CPU than on an AVX2 one
+    (docs/experiments.md). With ``avx2`` every x86-64 CPU with AVX2 runs the same kernels. On
+    other CPUs (ARM, x86 without AVX2) nothing is set and the note says the numbers will differ.
+
+    Raises:
+        ValueError: ``choice`` is not one of :data:`CPU_KERNEL_CHOICES`.
+    """
+    if choice not in CPU_KERNEL_CHOICES:
+        raise ValueError(f"cpu_kernels must be one of {CPU_KERNEL_CHOICES}, not {choice!r}")
+    if choice == "native":
+        return {}, ""
+    if not (cpu_has_avx2() if has_avx2 is None else has_avx2):
+        return {}, f"cpu_kernels: {choice} ignored: this CPU has no AVX2 kernels, so its numbers differ from an AVX2 machine's"
+    return dict(CPU_KERNEL_VARIABLES[choice]), ""
+
+
+@contextlib.contextmanager
+def pinned_cpu_kernels(choice: str) -> Iterator[dict[str, str]]:
+    """Within the block, ``os.environ`` holds :func:`cpu_kernel_environment`'s variables, so the
+    processes started there (papermill's kernel, and the training workers it spawns) run ``choice``'s
+    kernels; the variables are restored afterwards. Yields what was set (nothing on a CPU without
+    AVX2: :func:`cpu_kernel_environment` says why). Torch reads them once per
+    process, at its first CPU kernel: the calling process keeps the kernels it already has."""
+    import os
+
+    env, _ = cpu_kernel_environment(choice)
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

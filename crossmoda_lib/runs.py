@@ -84,6 +84,9 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     if unknown_sections:
         raise config.ProfileError(f"{profile_path}: notebooks section(s) {unknown_sections} match no notebook")
     device = devices.resolve(common["device"])  # a GPU that is not there fails here, before any work
+    kernel_env, kernel_note = devices.cpu_kernel_environment(common["cpu_kernels"])
+    if kernel_note:
+        print(kernel_note)
     out_root = config.resolve_path(common["output_dir"], root)
     data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"])
     report = cio.validate_dataset(data_dir)
@@ -97,11 +100,15 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
         "seed": common["seed"],
         "data_dir": str(data_dir),
         "versions": config.versions(),
-        "machine": {**config.machine(), **devices.describe(device)},
+        "machine": {**config.machine(), **kernel_env, **devices.describe(device)},
         "git_commit": config.git_commit(root),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks": [],
     }
+    # The notebooks run the pinned kernels, whatever this process computes with.
+    manifest["machine"]["cpu_kernels"] = kernels_label(common["cpu_kernels"])
+    if kernel_env:
+        manifest["machine"]["torch_cpu_capability"] = kernel_env["ATEN_CPU_CAPABILITY"].upper()
     manifest_path = out_root / "run_manifest.json"
     earlier = _earlier_entries(manifest_path, common["profile"], {nb.name for nb, _ in plan})
     reused = _reuse_stages(profile, full_plan, out_root, root)
@@ -117,7 +124,8 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
         t0 = time.perf_counter()
         entry = {"notebook": f"notebooks/{nb.name}", "executed": str(target), "parameters": params}
         try:
-            papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent), progress_bar=progress)
+            with devices.pinned_cpu_kernels(common["cpu_kernels"]):  # the kernel and its workers inherit them
+                papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent), progress_bar=progress)
         except papermill.PapermillExecutionError as exc:
             entry.update(status="failed", wall_s=round(time.perf_counter() - t0, 2), error=f"{exc.ename}: {exc.evalue}")
             manifest["notebooks"].append(entry)
@@ -224,6 +232,12 @@ def _earlier_entries(manifest_path: Path, profile: str, now: set[str]) -> list[d
     return [e for e in old.get("notebooks", []) if Path(e["notebook"]).name not in now]
 
 
+def kernels_label(choice: str) -> str:
+    """What a run manifest records as ``machine.cpu_kernels`` for a profile's ``cpu_kernels``: the
+    kernels the notebooks run (``native`` where ``avx2`` cannot be pinned, the CPU lacking it)."""
+    return choice if devices.cpu_kernel_environment(choice)[0] else "native"
+
+
 def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict[str, str]:
     """Copy finished stages from another run instead of recomputing them (ablations share 01-05).
 
@@ -240,7 +254,15 @@ def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict
     manifest_path = source / "run_manifest.json"
     if not manifest_path.is_file():
         raise config.ProfileError(f"{profile['path']}: reuse.from {source} has no run_manifest.json; run that profile first")
-    done = {Path(e["notebook"]).stem: e for e in json.loads(manifest_path.read_text())["notebooks"] if e["status"] == "ok"}
+    source_manifest = json.loads(manifest_path.read_text())
+    # Stages computed with other CPU kernels are another draw (devices.cpu_kernel_environment).
+    machine = source_manifest.get("machine", {})
+    # (a run made before the setting existed: the variable it ran with, if any)
+    theirs = machine.get("cpu_kernels") or ("avx2" if machine.get("ATEN_CPU_CAPABILITY") == "avx2" else "native")
+    ours = kernels_label(profile["common"]["cpu_kernels"])
+    if theirs != ours:
+        raise config.ProfileError(f"{profile['path']}: reuse.from {source} ran with cpu_kernels {theirs}, this profile with {ours}: its stages would be another draw; re-run that profile, or set common.cpu_kernels to match")
+    done = {Path(e["notebook"]).stem: e for e in source_manifest["notebooks"] if e["status"] == "ok"}
     wanted = {nb.stem: params for nb, params in plan}
     reused = {}
     for stem in spec.get("notebooks", []):

@@ -176,3 +176,63 @@ def test_singan_training_runs_on_its_device(meta_device, tmp_path):
     cfg = sg.SinGANConfig(scale_factor=0.75, min_size=12, max_size=24, ker_size=3, num_layer=3, nfc=4, max_nfc=8, niter=2)
     with pytest.raises(RuntimeError, match=READ_BACK):
         sg.train_singan(torch.rand(1, 1, 24, 20) * 2 - 1, cfg, tmp_path / "singan", progress=False, device="meta")
+
+
+# --- common.cpu_kernels: the same kernels, so the same draw, on every x86-64 CPU with AVX2 --------
+
+
+def _cpuinfo(tmp_path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+    return path
+
+
+def test_avx2_is_detected_from_the_cpu_flags_and_never_assumed(tmp_path):
+    assert devices.cpu_has_avx2("x86_64", _cpuinfo(tmp_path, "avx avx2 fma avx512f"))
+    assert not devices.cpu_has_avx2("x86_64", _cpuinfo(tmp_path, "avx fma"))  # 'avx' alone, or a longer name, is not avx2
+    assert not devices.cpu_has_avx2("x86_64", _cpuinfo(tmp_path, "avx2x"))
+    assert not devices.cpu_has_avx2("aarch64", _cpuinfo(tmp_path, "avx2"))
+    assert not devices.cpu_has_avx2("x86_64", tmp_path / "absent")  # cannot tell: do not force kernels
+
+
+def test_cpu_kernel_environment_per_choice():
+    assert devices.cpu_kernel_environment("native") == ({}, "")
+    assert devices.cpu_kernel_environment("avx2", has_avx2=True) == ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "")
+    env, note = devices.cpu_kernel_environment("avx2", has_avx2=False)
+    assert env == {} and "no AVX2" in note
+    with pytest.raises(ValueError, match="cpu_kernels must be one of"):
+        devices.cpu_kernel_environment("avx512")
+
+
+def test_pinned_kernels_reach_a_new_process_and_are_restored(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    if not devices.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    probe = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
+    with devices.pinned_cpu_kernels("avx2") as env:
+        assert env["ATEN_CPU_CAPABILITY"] == "avx2"
+        # torch itself, in a process started here, runs the AVX2 kernels
+        assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "AVX2"
+    assert "ATEN_CPU_CAPABILITY" not in os.environ and os.environ["ONEDNN_MAX_CPU_ISA"] == "ALL"
+    with devices.pinned_cpu_kernels("native") as env:
+        assert env == {} and "ATEN_CPU_CAPABILITY" not in os.environ
+
+
+def test_profiles_pin_the_cpu_kernels_and_reject_unknown_ones(tmp_path):
+    assert config.load_profile(ROOT / "params" / "demo.yaml")["common"]["cpu_kernels"] == "avx2"
+    assert config.load_profile(ROOT / "params" / "smoke.yaml")["common"]["cpu_kernels"] == "avx2"
+    assert config.load_profile(ROOT / "params" / "ablations" / "no_tba.yaml")["common"]["cpu_kernels"] == "avx2"  # the demo's draw
+    demo = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    del demo["common"]["cpu_kernels"]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    assert config.load_profile(path)["common"]["cpu_kernels"] == "native"
+    demo["common"]["cpu_kernels"] = "AVX2"
+    path.write_text(yaml.safe_dump(demo))
+    with pytest.raises(config.ProfileError, match=r"p.yaml: common.cpu_kernels must be one of \('native', 'avx2'\), not 'AVX2'"):
+        config.load_profile(path)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from crossmoda_lib import config, runs
+from crossmoda_lib import config, devices, runs
 from crossmoda_lib import io as cio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,14 @@ def test_every_notebook_executes_with_the_smoke_profile(smoke_run):
     import torch
 
     assert saved["machine"]["cores"] == os.cpu_count() and saved["machine"]["torch_threads"] == torch.get_num_threads()
-    assert saved["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and saved["machine"]["cpu"]
+    # The smoke profile pins the AVX2 kernels (common.cpu_kernels) where the CPU has them: the
+    # notebooks' kernels run them, whatever this process runs, and the manifest says so.
+    kernels = "AVX2" if devices.cpu_has_avx2() else torch.backends.cpu.get_cpu_capability()
+    assert saved["machine"]["torch_cpu_capability"] == kernels and saved["machine"]["cpu"]
+    assert saved["machine"]["cpu_kernels"] == ("avx2" if devices.cpu_has_avx2() else "native")
+    for name in ("02_cyclegan", "06_segmentation"):
+        printed = "".join(o.get("text", "") for c in nbformat.read(out / "executed" / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code" for o in c.outputs)
+        assert f"CPU kernels {kernels}" in printed, name
     # ... and the device the networks ran on (the smoke profile's "auto": the first GPU, else the CPU).
     assert saved["machine"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert saved["parameters"]["common"]["device"] == "auto"
@@ -303,6 +310,13 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
     path.write_text(yaml.safe_dump(profile))
     with pytest.raises(config.ProfileError, match=r"reuse of 01_preprocess .*parameters differ \(\['centre_percentile'\]\)"):
         runs.run_profile(path, progress=False)
+    # ... and when it ran other CPU kernels (another draw), where this CPU can pin them.
+    if devices.cpu_has_avx2():
+        del profile["notebooks"]["01_preprocess"]
+        profile["common"]["cpu_kernels"] = "native"
+        path.write_text(yaml.safe_dump(profile))
+        with pytest.raises(config.ProfileError, match=r"ran with cpu_kernels avx2, this profile with native: its stages would be another draw"):
+            runs.run_profile(path, progress=False)
 
 
 def test_an_ablation_made_from_stages_re_run_since_is_stale(tmp_path):
