@@ -20,6 +20,7 @@ from its checkpoints.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -203,16 +204,18 @@ def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | st
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case", "centre", "vs_mm3", "cochlea_mm3", "round"])
     cio.write_text_atomic(root / "dice_by_round.csv", table.to_csv(index=False))
     final = round_dir(root, cfg.rounds) if cfg.rounds else Path(stage06)
-    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "final_models": {s: str(final / s) for s in seg.STRUCTURES}, "settings": asdict(cfg), "round_wall_s": [m["wall_s"] for m in manifests]})
+    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "final_models": {s: os.path.relpath(Path(final).resolve() / s, root.resolve()) for s in seg.STRUCTURES}, "settings": asdict(cfg), "round_wall_s": [m["wall_s"] for m in manifests]})
     return table
 
 
 def final_models(root: Path | str) -> dict[str, Path]:
-    """The VS and cochlea model folders of the last round (from ``manifest.json``)."""
+    """The VS and cochlea model folders of the last round (from ``manifest.json``, where they are
+    stored relative to ``root`` so that an output folder can be moved or copied whole; absolute in
+    runs made before that)."""
     manifest_path = Path(root) / "manifest.json"
     if not manifest_path.exists():
         raise cio.DataError(f"{root}: self-training has not finished (manifest.json missing); run notebooks/07_self_training.ipynb")
-    return {s: Path(p) for s, p in json.loads(manifest_path.read_text())["final_models"].items()}
+    return {s: Path(p) if Path(p).is_absolute() else (Path(root) / p).resolve() for s, p in json.loads(manifest_path.read_text())["final_models"].items()}
 
 
 def round_overlays(data_dir: Path | str, stage01: Path | str, root: Path | str, rounds: int, cases: list[str]) -> list[tuple[str, list[tuple[str, np.ndarray, np.ndarray | None]]]]:

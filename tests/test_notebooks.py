@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from crossmoda_lib import config, devices, runs
+from crossmoda_lib import config, devices, runs, selftraining
 from crossmoda_lib import io as cio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,8 +294,10 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
     manifest = runs.run_profile(path, progress=False)
     assert [n["notebook"] for n in manifest["notebooks"]] == ["notebooks/07_self_training.ipynb", "notebooks/08_inference.ipynb", "notebooks/09_evaluation.ipynb"]
     assert sorted(manifest["reused"]) == profile["reuse"]["notebooks"]
-    final = json.loads((tmp_path / "ablation" / "07_self_training" / "manifest.json").read_text())["final_models"]
-    assert final["vs"] == str(tmp_path / "ablation" / "06_segmentation" / "vs")
+    final = selftraining.final_models(tmp_path / "ablation" / "07_self_training")
+    assert final["vs"] == (tmp_path / "ablation" / "06_segmentation" / "vs").resolve()
+    stored = json.loads((tmp_path / "ablation" / "07_self_training" / "manifest.json").read_text())["final_models"]
+    assert stored["vs"] == "../06_segmentation/vs"  # relative: an output folder can be moved whole
     ablation = (tmp_path / "ablation" / "09_evaluation" / "tables" / "ablations.md").read_text()
     run_names = {line.split("|")[1].strip() for line in ablation.splitlines() if line.startswith("| ")}
     assert {"smoke", "smoke_no_self_training"} <= run_names
