@@ -273,10 +273,16 @@ def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict
             raise config.ProfileError(f"{profile['path']}: reuse of {stem} from {source}: parameters differ ({diff})")
         folder = STAGE_FOLDERS.get(stem, stem)
         target = out_root / folder
-        if not target.exists():
-            tmp = out_root / f".{folder}.reusing"
+        # A folder left there by an earlier run (the source re-run since, or another source) is replaced:
+        # the stage must be the source's, file for file.
+        if not target.exists() or _fingerprint(target) != _fingerprint(source / folder):
+            tmp, old = out_root / f".{folder}.reusing", out_root / f".{folder}.replaced"
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
             shutil.copytree(source / folder, tmp, copy_function=_link_or_copy)
+            if target.exists():
+                target.rename(old)
             tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
         reused[stem] = str(source / folder)
     return reused

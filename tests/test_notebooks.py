@@ -321,6 +321,28 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
             runs.run_profile(path, progress=False)
 
 
+def test_reuse_replaces_a_stage_left_by_an_earlier_run_and_checks_the_kernels(tmp_path):
+    """An ablation's folder may hold a stage from an earlier run of it (made from the source before
+    the source was re-run): reuse must give it the source's files, not keep the old ones."""
+    source, out = tmp_path / "demo", tmp_path / "no_tba"
+    cio.write_text_atomic(source / "02_cyclegan" / "checkpoint.pt", "the source's draw")
+    manifest = {"machine": {"cpu_kernels": "native"}, "notebooks": [{"notebook": "notebooks/02_cyclegan.ipynb", "status": "ok", "parameters": {"lr": 1.0}}]}
+    (source / "run_manifest.json").write_text(json.dumps(manifest))
+    cio.write_text_atomic(out / "02_cyclegan" / "checkpoint.pt", "an older draw")
+    cio.write_text_atomic(out / "02_cyclegan" / "stray.csv", "from the older run")
+    profile = {"path": "no_tba.yaml", "common": {"cpu_kernels": "native"}, "reuse": {"from": str(source), "notebooks": ["02_cyclegan"]}}
+    plan = [(Path("notebooks/02_cyclegan.ipynb"), {"lr": 1.0})]
+    assert runs._reuse_stages(profile, plan, out, tmp_path) == {"02_cyclegan": str(source / "02_cyclegan")}
+    assert sorted(p.name for p in (out / "02_cyclegan").iterdir()) == ["checkpoint.pt"]
+    assert (out / "02_cyclegan" / "checkpoint.pt").read_text() == "the source's draw"
+    assert not list(out.glob(".02_cyclegan.*"))  # no temporary folder left
+    # Stages made with other CPU kernels are another draw: refused, naming both.
+    manifest["machine"] = {"ATEN_CPU_CAPABILITY": "avx2"}  # a run made before cpu_kernels was recorded
+    (source / "run_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(config.ProfileError, match=r"ran with cpu_kernels avx2, this profile with native"):
+        runs._reuse_stages(profile, plan, out, tmp_path)
+
+
 def test_an_ablation_made_from_stages_re_run_since_is_stale(tmp_path):
     """Reused stages are hard links of the source run's files; when the source re-runs a stage
     (atomic writes: new files), the ablation's copy is another run's, and ``stale_reuse`` says so."""
