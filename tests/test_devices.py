@@ -66,17 +66,23 @@ def test_auto_takes_the_gpu_and_a_missing_index_is_named(one_gpu):
         devices.resolve("cuda:1")
 
 
-def test_profiles_default_to_auto_and_reject_unknown_devices(tmp_path):
+def _demo_with(tmp_path, key: str, value=None) -> Path:
+    """``params/demo.yaml`` with ``common.<key>`` left out (``value`` None) or set to ``value``, as ``p.yaml``."""
     demo = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
-    assert config.load_profile(ROOT / "params" / "paper.yaml")["common"]["device"] == "cuda"  # no silent CPU fallback
-    del demo["common"]["device"]
+    if value is None:
+        del demo["common"][key]
+    else:
+        demo["common"][key] = value
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(demo))
-    assert config.load_profile(path)["common"]["device"] == "auto"
-    demo["common"]["device"] = "gpu0"
-    path.write_text(yaml.safe_dump(demo))
+    return path
+
+
+def test_profiles_default_to_auto_and_reject_unknown_devices(tmp_path):
+    assert config.load_profile(ROOT / "params" / "paper.yaml")["common"]["device"] == "cuda"  # no silent CPU fallback
+    assert config.load_profile(_demo_with(tmp_path, "device"))["common"]["device"] == "auto"
     with pytest.raises(config.ProfileError, match=r"p.yaml: common.device: device 'gpu0' is not one of"):
-        config.load_profile(path)
+        config.load_profile(_demo_with(tmp_path, "device", "gpu0"))
 
 
 def test_a_missing_gpu_stops_a_run_before_any_work(no_gpu, tmp_path):
@@ -227,12 +233,6 @@ def test_profiles_pin_the_cpu_kernels_and_reject_unknown_ones(tmp_path):
     assert config.load_profile(ROOT / "params" / "demo.yaml")["common"]["cpu_kernels"] == "avx2"
     assert config.load_profile(ROOT / "params" / "smoke.yaml")["common"]["cpu_kernels"] == "avx2"
     assert config.load_profile(ROOT / "params" / "ablations" / "no_tba.yaml")["common"]["cpu_kernels"] == "avx2"  # the demo's draw
-    demo = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
-    del demo["common"]["cpu_kernels"]
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(demo))
-    assert config.load_profile(path)["common"]["cpu_kernels"] == "native"
-    demo["common"]["cpu_kernels"] = "AVX2"
-    path.write_text(yaml.safe_dump(demo))
+    assert config.load_profile(_demo_with(tmp_path, "cpu_kernels"))["common"]["cpu_kernels"] == "native"
     with pytest.raises(config.ProfileError, match=r"p.yaml: common.cpu_kernels must be one of \('native', 'avx2'\), not 'AVX2'"):
-        config.load_profile(path)
+        config.load_profile(_demo_with(tmp_path, "cpu_kernels", "AVX2"))
