@@ -79,8 +79,8 @@ def references(run: Path) -> dict:
     }
 
 
-def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, out: str, queue) -> None:
-    """One CycleGAN (in a spawned one-thread process), then its scores."""
+def scores(generator, run_path: Path, cfg, net, ocfg, btq) -> dict:
+    """Every score of one generator on the stage-01 source volumes (means; per-case oracle)."""
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -88,19 +88,12 @@ def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, o
     from crossmoda_lib import segmentation as seg
     from crossmoda_lib import translation as tr
 
-    torch.set_num_threads(1)
-    run_path, out_path = Path(run), Path(out)
     stage01 = run_path / "01_preprocess"
-    cfg = tr.CycleGANConfig.from_dict(settings)
-    t0 = time.perf_counter()
-    nets, history, _ = tr.train_stage(stage01, out_path, cfg, centres, min_anatomy_fraction=min_anatomy_fraction, progress=False)
-    seconds = time.perf_counter() - t0
-    net, ocfg, btq = oracle(run_path)
-    generator = nets.G_A.eval()
     rows = []
     for path in sorted((stage01 / "source").glob("*_ceT1.nii.gz")):
+        image = sitk.ReadImage(str(path))
         with torch.no_grad():
-            pseudo = tr.translate_array(generator, sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32), cfg.image_size)
+            pseudo = tr.translate_array(generator, sitk.GetArrayFromImage(image).astype(np.float32), cfg.image_size)
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_ceT1", "_Label")))
         vs = seg.Case(path.name, pseudo, (labels == 1).astype(np.uint8))
         cochlea = seg.Case(path.name, pseudo, (labels == 2).astype(np.uint8))
@@ -109,9 +102,42 @@ def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, o
             "vs_contrast": btq.contrast(vs),
             "cochlea_contrast": btq.contrast(cochlea) if cochlea.target.any() else float("nan"),
             "vs_level": level(pseudo, labels == 1),
+            "vs_csf_contrast": tr.vs_csf_contrast(pseudo, labels == 1, image.GetSpacing()[::-1])["vs_csf_contrast"],
         })
     means = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-    queue.put({"capability": torch.backends.cpu.get_cpu_capability(), "train_s": seconds, "iterations": int(history.iteration.iloc[-1]) if len(history) else 0, "per_case_vs_oracle": [round(r["vs_oracle"], 2) for r in rows], **means})
+    return {"per_case_vs_oracle": [round(r["vs_oracle"], 2) for r in rows], **means}
+
+
+def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, out: str, screen_epochs: list, queue) -> None:
+    """One CycleGAN (in a spawned one-thread process), scored at each of ``screen_epochs`` (the
+    training stops there, is scored, and resumes exactly) and at the end. The result is kept in
+    ``<out>/result.json`` and returned from there on the next call."""
+    import torch
+
+    from crossmoda_lib import translation as tr
+
+    torch.set_num_threads(1)
+    run_path, out_path = Path(run), Path(out)
+    saved = out_path / "result.json"
+    if saved.exists() and json.loads(saved.read_text()).get("screen_epochs") == screen_epochs:
+        queue.put(json.loads(saved.read_text()))
+        return
+    stage01 = run_path / "01_preprocess"
+    cfg = tr.CycleGANConfig.from_dict(settings)
+    net, ocfg, btq = oracle(run_path)
+    n_slices = tr.collect_slices(tr.stage_volumes(stage01, "source", "ceT1", centres), cfg.image_size, min_anatomy_fraction=min_anatomy_fraction).shape[0]
+    steps = tr.epoch_steps(n_slices, cfg)
+    t0, checkpoints = time.perf_counter(), []
+    for epoch in sorted(set(screen_epochs)):
+        nets, _, _ = tr.train_stage(stage01, out_path, cfg, centres, min_anatomy_fraction=min_anatomy_fraction, progress=False, stop_after=epoch * steps)
+        checkpoints.append({"epoch": epoch, **scores(nets.G_A, run_path, cfg, net, ocfg, btq)})
+    nets, history, _ = tr.train_stage(stage01, out_path, cfg, centres, min_anatomy_fraction=min_anatomy_fraction, progress=False)
+    seconds = time.perf_counter() - t0
+    result = {"capability": torch.backends.cpu.get_cpu_capability(), "train_s": seconds, "iterations": int(history.iteration.iloc[-1]) if len(history) else 0, "screen_epochs": screen_epochs, "checkpoints": checkpoints, **scores(nets.G_A, run_path, cfg, net, ocfg, btq)}
+    from crossmoda_lib import io as cio
+
+    cio.write_text_atomic(saved, json.dumps(result, indent=2) + "\n")
+    queue.put(result)
 
 
 def settings_from_profile(profile_path: Path, overrides: list[str]):
@@ -147,6 +173,7 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["default"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override 02_cyclegan settings (JSON values)")
     ap.add_argument("--workers", type=int, default=2, help="draws trained at once (one thread each)")
+    ap.add_argument("--screen-epochs", type=int, nargs="*", default=[], help="also score each draw after these epochs (the draw gate's screen, 02_cyclegan.draw_epochs)")
     args = ap.parse_args()
 
     from crossmoda_lib import config
@@ -170,7 +197,7 @@ def main() -> None:
         while pending and len(running) < args.workers:
             kernels, seed, settings, out = pending.pop(0)
             queue = ctx.Queue()
-            proc = start_with_env(ctx, KERNELS[kernels], draw, (str(run), settings, centres, anatomy, out, queue))
+            proc = start_with_env(ctx, KERNELS[kernels], draw, (str(run), settings, centres, anatomy, out, args.screen_epochs, queue))
             running.append((kernels, seed, proc, queue))
         kernels, seed, proc, queue = running.pop(0)
         result = queue.get()
@@ -181,6 +208,18 @@ def main() -> None:
     for r in results:
         print(f"{r['seed']:>4} {r['kernels']:>8} {r['capability']:>8} {r['train_s']:>8.0f} {r['iterations']:>6} {r['vs_oracle']:>10.3f} {r['vs_level']:>9.2f} {r['vs_contrast']:>12.3f} {r['cochlea_contrast']:>17.3f}  {r['per_case_vs_oracle']}")
     print(f"{'real hrT2':>31} {'':>6} {ref['vs_oracle']:>10.3f} {ref['vs_level']:>9.2f} {ref['vs_contrast']:>12.3f} {ref['cochlea_contrast']:>17.3f}  (oracle: {ref['n']} validation hrT2, the ceiling)")
+    if args.screen_epochs:
+        print("\nthe draw gate's criterion (vs_csf_contrast: real hrT2 about +0.45, identity about -0.8) beside the translation score, per epoch:")
+        print(f"{'seed':>6} " + " ".join(f"{'epoch ' + str(c['epoch']):>16}" for c in results[0]["checkpoints"]) + f" {'end':>16}")
+        for r in results:
+            cells = [f"{c['vs_csf_contrast']:+.2f} / {c['vs_oracle']:.2f}" for c in r["checkpoints"]] + [f"{r['vs_csf_contrast']:+.2f} / {r['vs_oracle']:.2f}"]
+            print(f"{r['seed']:>6} " + " ".join(f"{c:>16}" for c in cells))
+        out_csv = root / "screen.csv"
+        flat = [{"seed": r["seed"], "kernels": r["kernels"], "epoch": c["epoch"], **{k: v for k, v in c.items() if k != "per_case_vs_oracle"}} for r in results for c in r["checkpoints"] + [{"epoch": "end", **{k: r[k] for k in ("vs_oracle", "vs_contrast", "cochlea_contrast", "vs_level", "vs_csf_contrast")}}]]
+        import pandas as pd
+
+        pd.DataFrame(flat).to_csv(out_csv, index=False)
+        print(f"(written to {out_csv})")
     usable = sum(r["vs_oracle"] >= 0.3 for r in results)
     print(f"\ndraws with a translation score >= 0.3: {usable} of {len(results)}")
 

@@ -30,6 +30,7 @@ def _setup_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="destination folder (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases-per-centre", type=int, default=8, help="cases per centre over the three splits (default 8: 3 source, 3 target, 2 validation)")
+    p.add_argument("--test-cases-per-centre", type=int, default=0, help="hrT2 cases per centre of a held-out test/ split with truth (default 0: none)")
     p.add_argument("--fov", choices=("roi", "head"), default="roi", help="roi: ~100x90x44 mm around the canals (default); head: real matrix sizes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
 
@@ -39,7 +40,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     from crossmoda_lib import synth
 
     try:
-        manifest = synth.generate_cohort(args.out, seed=args.seed, cases_per_centre=args.cases_per_centre, fov=args.fov, overwrite=args.overwrite)
+        manifest = synth.generate_cohort(args.out, seed=args.seed, cases_per_centre=args.cases_per_centre, fov=args.fov, test_cases_per_centre=args.test_cases_per_centre, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as exc:
         print(f"crossmoda synth: {exc}", file=sys.stderr)
         return 2

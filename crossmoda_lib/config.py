@@ -27,7 +27,7 @@ from crossmoda_lib import io as cio
 COMMON_KEYS = ("profile", "seed", "data_source", "data_dir", "output_dir", "synth_cases_per_centre", "synth_fov")
 #: Common keys a profile may leave out, with their defaults (``device``, ``cpu_kernels``:
 #: :mod:`crossmoda_lib.devices`).
-OPTIONAL_COMMON = {"device": "auto", "cpu_kernels": "native"}
+OPTIONAL_COMMON = {"device": "auto", "cpu_kernels": "native", "synth_test_cases_per_centre": 0}
 DATA_SOURCES = ("synthetic", "real")
 
 
@@ -130,7 +130,7 @@ def notebook_parameters(profile: dict[str, Any], notebook: str, declared: dict[s
     return params
 
 
-def prepare_data(data_source: str, data_dir: Path | str, seed: int, synth_cases_per_centre: int, synth_fov: str) -> Path:
+def prepare_data(data_source: str, data_dir: Path | str, seed: int, synth_cases_per_centre: int, synth_fov: str, synth_test_cases_per_centre: int = 0) -> Path:
     """Make sure the data folder holds data: generate the synthetic cohort into it when it is missing
     or empty (``data_source: synthetic``); for real data, check that it exists.
 
@@ -144,7 +144,7 @@ def prepare_data(data_source: str, data_dir: Path | str, seed: int, synth_cases_
 
     path = resolve_path(data_dir)
     if data_source == "synthetic":
-        synth.ensure_cohort(path, seed=seed, cases_per_centre=synth_cases_per_centre, fov=synth_fov)
+        synth.ensure_cohort(path, seed=seed, cases_per_centre=synth_cases_per_centre, fov=synth_fov, test_cases_per_centre=synth_test_cases_per_centre)
     elif not path.is_dir() or not any(path.iterdir()):
         raise cio.DataError(
             f"{path}: real data folder is missing or empty. Download the crossMoDA 2022 data and set "

@@ -38,7 +38,12 @@ SPLITS: dict[str, str] = {
     "training_source": "ceT1",
     "training_target": "hrT2",
     "validation": "hrT2",
+    "test": "hrT2",
 }
+#: Splits a data folder may leave out. ``test`` is a held-out hrT2 split with truth that only a
+#: synthetic cohort (or a user's own labelled data) has: the demo reports on it, and chooses no
+#: setting by it (README, "Results"). The challenge's own test set is hidden.
+OPTIONAL_SPLITS = ("test",)
 CENTRES = {"ldn": "London", "etz": "Tilburg"}
 LABEL_VALUES = {0: "background", 1: "VS", 2: "cochlea"}
 
@@ -395,7 +400,8 @@ def validate_dataset(root: Path | str, *, check_truth: bool = True) -> Validatio
     scaled integer storage, cases missing from ``infos_source_training.csv``.
 
     Args:
-        root: the data folder (holding ``training_source/``, ``training_target/``, ``validation/``).
+        root: the data folder (holding ``training_source/``, ``training_target/``, ``validation/``,
+            and optionally ``test/``: :data:`OPTIONAL_SPLITS`).
         check_truth: also validate ``synthetic_truth/`` when it exists.
 
     Returns:
@@ -410,7 +416,8 @@ def validate_dataset(root: Path | str, *, check_truth: bool = True) -> Validatio
     for split, modality in SPLITS.items():
         folder = root / split
         if not folder.is_dir():
-            report.add(folder, "missing split folder")
+            if split not in OPTIONAL_SPLITS:
+                report.add(folder, "missing split folder")
             continue
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         if not names:
@@ -492,8 +499,8 @@ def _check_truth(report: ValidationReport, truth: Path, hrt2_images: dict[str, s
             continue
         case = f"crossmoda{m.group(1)}_{m.group(2)}_{m.group(3)}"
         if case not in hrt2_images:
-            if not any((root / split / f"{case}_hrT2.nii.gz").exists() for split in ("training_target", "validation")):
-                report.add(path, "truth label without a matching hrT2 in training_target/ or validation/")
+            if not any((root / split / f"{case}_hrT2.nii.gz").exists() for split, modality in SPLITS.items() if modality == "hrT2"):
+                report.add(path, "truth label without a matching hrT2 in training_target/, validation/ or test/")
             continue
         _check_label_against(report, path, hrt2_images.pop(case), "synthetic_truth", "hrT2")
     for case in sorted(hrt2_images):

@@ -42,7 +42,7 @@ from crossmoda_lib import __version__
 from crossmoda_lib import io as cio
 
 #: Output sub-folder of each input split.
-STAGE_SPLITS = {"training_source": "source", "training_target": "target", "validation": "validation"}
+STAGE_SPLITS = {"training_source": "source", "training_target": "target", "validation": "validation", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def resample_then_crop(image: sitk.Image, label: sitk.Image | None, cfg: Preproc
 def preprocess_dataset(data_dir: Path | str, out_dir: Path | str, cfg: PreprocessConfig, *, progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
     """Validate a crossMoDA folder, then preprocess every volume of every split.
 
-    Writes ``out_dir/{source,target,validation}/`` (images, and labels for source), and, when the
+    Writes ``out_dir/{source,target,validation}/`` (and ``test/`` when the data has that split) (images, and labels for source), and, when the
     data has ``synthetic_truth/``, ``out_dir/synthetic_truth/`` on the hrT2 crops; then ``cases.csv``
     and ``manifest.json`` (settings, library version). A finished stage with the same settings is
     skipped (its table is returned).

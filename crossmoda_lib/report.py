@@ -60,8 +60,8 @@ def with_groups(scores: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def score_plot(scores: pd.DataFrame) -> plt.Figure:
-    """Box and strip plots of Dice and ASSD per centre and structure."""
+def score_plot(scores: pd.DataFrame, split: str = "validation") -> plt.Figure:
+    """Box and strip plots of Dice and ASSD per centre and structure (``split`` names the cases)."""
     import seaborn as sns
 
     long = official(scores).melt(id_vars=["Case", "Centre"], var_name="metric", value_name="value")
@@ -76,7 +76,7 @@ def score_plot(scores: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("")
         if measure == "Dice":
             ax.set_ylim(0, 1)
-    fig.suptitle("validation scores per centre and structure", fontsize=10)
+    fig.suptitle(f"{split} scores per centre and structure", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -111,3 +111,76 @@ def rounds_table(dice_by_round: pd.DataFrame) -> pd.DataFrame:
     long = dice_by_round.melt(id_vars=["case", "centre", "round"], value_vars=cols, var_name="structure", value_name="Dice")
     long["structure"] = long.structure.str.replace("_dice", "")
     return long.groupby(["structure", "centre", "round"]).Dice.mean().unstack("round").round(4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds (benchmarks/bench_seeds.py): one row per whole demo run
+# --------------------------------------------------------------------------------------------------
+
+#: Columns of ``seeds.csv``: one row per (seed, CPU kernels) run of a whole profile. Dice and ASSD
+#: are means over the reported split's cases; the cochlea twice, with the run's post-processing and
+#: with the paper's (every component); ``translation_score`` is the VS oracle's Dice on the run's
+#: pseudo-hrT2 (``bench_translation_quality.py``); ``draw`` the CycleGAN draw the gate chose (0
+#: without a gate); ``wall_min`` the run's notebooks 01-09.
+SEED_COLUMNS = (
+    "seed", "cpu_kernels", "split", "cases",
+    "VS_Dice", "VS_ASSD", "Cochlea_Dice", "Cochlea_ASSD", "Cochlea_Dice_every_component", "Cochlea_ASSD_every_component",
+    "London_VS_Dice", "Tilburg_VS_Dice", "London_Cochlea_Dice", "Tilburg_Cochlea_Dice",
+    "translation_score", "vs_csf_contrast", "draw", "wall_min",
+)  # fmt: skip
+#: A run whose mean VS Dice is below this failed (the translation or the training did not find tumours).
+FAILED_VS_DICE = 0.5
+
+
+def seed_row(scores: pd.DataFrame, every_component: pd.DataFrame, **facts) -> dict:
+    """One row of ``seeds.csv`` from a run's scores (its own post-processing) and the scores of the
+    same models with every cochlea component kept; ``facts`` gives the other columns."""
+    row = {
+        "cases": len(scores),
+        **{m: float(scores[m].mean()) for m in metrics.OFFICIAL_COLUMNS[1:]},
+        "Cochlea_Dice_every_component": float(every_component["Cochlea_Dice"].mean()),
+        "Cochlea_ASSD_every_component": float(every_component["Cochlea_ASSD"].mean()),
+    }
+    for centre, part in scores.groupby("Centre"):
+        row[f"{centre}_VS_Dice"] = float(part["VS_Dice"].mean())
+        row[f"{centre}_Cochlea_Dice"] = float(part["Cochlea_Dice"].mean())
+    row.update(facts)
+    return {c: row.get(c, np.nan) for c in SEED_COLUMNS}
+
+
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Median, worst run and failure rate over the runs of ``seeds.csv`` (never the best run).
+
+    Rows: one per kernel family (``cpu_kernels``); columns: median and worst of VS and cochlea Dice
+    (both post-processings) and of the ASSDs (worst: the largest), runs, failed runs (VS Dice below
+    :data:`FAILED_VS_DICE`)."""
+    rows = []
+    for kernels, part in table.groupby("cpu_kernels", sort=False):
+        row = {"cpu_kernels": kernels, "runs": len(part), "seeds": " ".join(str(int(s)) for s in part.seed)}
+        for col in ("VS_Dice", "Cochlea_Dice", "Cochlea_Dice_every_component"):
+            row[f"{col} median"] = part[col].median()
+            row[f"{col} worst"] = part[col].min()
+        for col in ("VS_ASSD", "Cochlea_ASSD"):
+            row[f"{col} median"] = part[col].median()
+            row[f"{col} worst"] = part[col].max()
+        row["failed (VS < 0.5)"] = int((part.VS_Dice < FAILED_VS_DICE).sum())
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("cpu_kernels").round(4)
+
+
+def seed_plot(table: pd.DataFrame) -> plt.Figure:
+    """Each run's mean Dice, one point per seed, per structure (cochlea with both post-processings)."""
+    import seaborn as sns
+
+    cols = {"VS_Dice": "VS", "Cochlea_Dice": "cochlea", "Cochlea_Dice_every_component": "cochlea,\nevery component"}
+    long = table.melt(id_vars=["seed", "cpu_kernels"], value_vars=list(cols), var_name="metric", value_name="Dice")
+    long["metric"] = long.metric.map(cols)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    sns.stripplot(data=long, x="metric", y="Dice", hue="cpu_kernels", ax=ax, size=7, jitter=0.15, palette="dark")
+    ax.axhline(FAILED_VS_DICE, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("")
+    split = table.split.iloc[0] if len(table) else ""
+    ax.set_title(f"mean Dice per run ({split} split), one point per seed", fontsize=10)
+    fig.tight_layout()
+    return fig

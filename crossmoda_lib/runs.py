@@ -88,7 +88,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     if kernel_note:
         print(kernel_note)
     out_root = config.resolve_path(common["output_dir"], root)
-    data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"])
+    data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"], common["synth_test_cases_per_centre"])
     report = cio.validate_dataset(data_dir)
     report.raise_if_errors()
     executed = out_root / "executed"

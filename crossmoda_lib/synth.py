@@ -100,9 +100,11 @@ FIRST_CASE = {
     ("etz", "training_source"): 0,
     ("etz", "training_target"): 105,
     ("etz", "validation"): 210,
+    ("ldn", "test"): 311,
+    ("etz", "test"): 310,
 }
 YEAR = {"ldn": "2021", "etz": "2022"}
-SPLIT_INDEX = {"training_source": 0, "training_target": 1, "validation": 2}
+SPLIT_INDEX = {"training_source": 0, "training_target": 1, "validation": 2, "test": 3}
 CENTRE_INDEX = {"ldn": 0, "etz": 1}
 
 
@@ -633,6 +635,7 @@ def generate_cohort(
     cases_per_centre: int = 8,
     fov: str = "roi",
     *,
+    test_cases_per_centre: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
@@ -646,6 +649,9 @@ def generate_cohort(
         out: destination folder; must not exist or be empty (unless ``overwrite``).
         seed: cohort seed.
         cases_per_centre: cases per centre over the three splits (see :func:`split_sizes`).
+        test_cases_per_centre: hrT2 cases per centre of a held-out ``test/`` split, with truth (0:
+            no such split, as in the challenge's release). The other splits' cases do not depend on
+            it: every case draws from its own ``(seed, centre, split, index)`` generator.
         fov: ``"roi"`` (about 100x90x44 mm around the canals; seconds) or ``"head"`` (real matrices).
         overwrite: replace an existing non-empty folder.
         progress: show a progress bar.
@@ -660,6 +666,10 @@ def generate_cohort(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder exists and is not empty (use overwrite=True / --overwrite)")
     sizes = split_sizes(cases_per_centre)
+    if test_cases_per_centre < 0:
+        raise ValueError(f"test_cases_per_centre must be >= 0, not {test_cases_per_centre}")
+    if test_cases_per_centre:
+        sizes["test"] = test_cases_per_centre
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     jobs = []
@@ -668,7 +678,7 @@ def generate_cohort(
             grades = koos_schedule(n, np.random.default_rng([seed, CENTRE_INDEX[centre], SPLIT_INDEX[split], 10**6]))
             jobs += [(centre, split, k, grades[k]) for k in range(n)]
     try:
-        for split in cio.SPLITS:
+        for split in sizes:
             (tmp / split).mkdir()
         (tmp / "synthetic_truth").mkdir()
         tasks = [(seed, centre, split, k, koos, fov, str(tmp)) for centre, split, k, koos in jobs]
@@ -689,6 +699,7 @@ def generate_cohort(
             "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "cases_per_centre": cases_per_centre,
+            "test_cases_per_centre": test_cases_per_centre,
             "fov": fov,
             "thresholds_mm3": {"small_vs": SMALL_VS_MM3, "large_vs": LARGE_VS_MM3},
             "cases": cases,
@@ -703,7 +714,7 @@ def generate_cohort(
     return manifest
 
 
-def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: str) -> tuple[Path, bool]:
+def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: str, test_cases_per_centre: int = 0) -> tuple[Path, bool]:
     """Generate the synthetic cohort into ``data_dir`` when it is missing or empty.
 
     Returns:
@@ -726,11 +737,12 @@ def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: s
                     f"{GENERATOR_VERSION}; delete the folder and the run's stage folders made from it to regenerate"
                 )
             if made.get("generator") == GENERATOR:
-                asked = {"seed": seed, "cases_per_centre": cases_per_centre, "fov": fov}
+                asked = {"seed": seed, "cases_per_centre": cases_per_centre, "fov": fov, "test_cases_per_centre": test_cases_per_centre}
+                made.setdefault("test_cases_per_centre", 0)  # cohorts made before the test split had none
                 differ = {k: (made[k], v) for k, v in asked.items() if k in made and made[k] != v}
                 if differ:
                     said = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in differ.items())
                     raise cio.DataError(f"{data_dir}: holds a synthetic cohort made with {said}; delete the folder and the run's stage folders made from it to regenerate, or set data_dir to another folder")
         return data_dir, False
-    generate_cohort(data_dir, seed=seed, cases_per_centre=cases_per_centre, fov=fov, overwrite=True)
+    generate_cohort(data_dir, seed=seed, cases_per_centre=cases_per_centre, fov=fov, test_cases_per_centre=test_cases_per_centre, overwrite=True)
     return data_dir, True

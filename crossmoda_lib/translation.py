@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,10 @@ from crossmoda_lib import io as cio
 # --------------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------------
+
+#: Seeds of the screened draws are ``seed + DRAW_SEED_STRIDE * k``: far from ``seed + 1 .. + 3``, which
+#: the sampler and the image pools of every draw use.
+DRAW_SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ class CycleGANConfig:
         seed: initialisation and sampling seed.
         log_every: iterations between rows of ``losses.csv`` (means over the window).
         checkpoint_every: iterations between checkpoints (and at every epoch end).
+        draws: CycleGANs started from different seeds (``seed + 1000 k``, k = 0 .. draws-1) that
+            :func:`train_stage` trains for ``draw_epochs`` each, scores by :func:`vs_csf_contrast`
+            on the translated source volumes, and of which it trains only the best to the end. 1
+            (the paper): one CycleGAN, no screening. Draw 0 is the CycleGAN that ``draws: 1`` trains.
+        draw_epochs: epochs each draw trains before the screen (when ``draws`` > 1).
     """
 
     ngf: int = 64
@@ -99,6 +108,8 @@ class CycleGANConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
+    draws: int = 1
+    draw_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size is not None and any(int(s) % 4 for s in self.image_size):
@@ -109,6 +120,10 @@ class CycleGANConfig:
         for name in ("ngf", "ndf", "n_layers_d", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.draws < 1:
+            raise ValueError(f"draws must be >= 1, not {self.draws}")
+        if self.draws > 1 and not 1 <= self.draw_epochs <= self.n_epochs + self.n_epochs_decay:
+            raise ValueError(f"draw_epochs must be between 1 and the {self.n_epochs + self.n_epochs_decay} epochs of training when draws > 1, not {self.draw_epochs}")
         if self.n_blocks < 0 or self.n_epochs < 0 or self.n_epochs_decay < 0 or self.n_epochs + self.n_epochs_decay < 1:
             raise ValueError("n_blocks >= 0 and at least one epoch are required")
 
@@ -123,6 +138,10 @@ class CycleGANConfig:
         d = dict(d)
         d["image_size"] = tuple(d["image_size"]) if d["image_size"] else None
         return cls(**d)
+
+    def draw(self, k: int) -> CycleGANConfig:
+        """The settings of draw ``k`` of the screen (:attr:`draws`): the same, with seed ``seed + 1000 k``."""
+        return replace(self, seed=self.seed + DRAW_SEED_STRIDE * k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,6 +354,11 @@ def collect_slices(paths: list[Path], image_size: tuple[int, int] | None, **anat
 LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
 
 
+def epoch_steps(n_slices: int, cfg: CycleGANConfig) -> int:
+    """Iterations of one epoch: one pass over the ceT1 slices in batches of ``batch_size``."""
+    return -(-n_slices // cfg.batch_size)
+
+
 def lr_factor(epoch: int, cfg: CycleGANConfig) -> float:
     """The original linear rule (epoch_count = 1): constant for n_epochs, then linear decay."""
     return 1.0 - max(0, epoch + 1 - cfg.n_epochs) / float(cfg.n_epochs_decay + 1)
@@ -463,7 +487,7 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
     for net in nets.modules():
         net.train()
     n_a = slices_a.shape[0]
-    steps_per_epoch = -(-n_a // cfg.batch_size)
+    steps_per_epoch = epoch_steps(n_a, cfg)
     total_epochs = cfg.n_epochs + cfg.n_epochs_decay
     total = total_epochs * steps_per_epoch
 
@@ -588,8 +612,11 @@ def stage_volumes(stage01: Path | str, sub: str, modality: str, centres: list[st
 def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, centres: list[str], *, min_anatomy_fraction: float = 0.1, progress: bool = True, stop_after: int | None = None, device: str | torch.device = "cpu") -> tuple[CycleGAN, pd.DataFrame, dict]:
     """Stage 02: train the CycleGAN on stage-01 ceT1 (source) and hrT2 (target) slices of ``centres``.
 
-    Every input volume, and the device, is checked before training starts. Returns the networks,
-    the loss history and a summary (slices and cases per domain).
+    Every input volume, and the device, is checked before training starts. With ``cfg.draws`` > 1
+    the draws are screened first (:func:`screen_draws`) and the chosen one trains on to the end in
+    its folder (``stop_after`` counts its iterations); its finished checkpoint, losses and settings
+    are then copied to ``out_dir``, where stage 03 finds them. Returns the networks, the loss history
+    and a summary (slices and cases per domain; with a screen, the chosen draw and its seed).
     """
     device = devices.resolve(device)
     stage01 = config.require_stage(stage01, "01_preprocess")
@@ -603,14 +630,125 @@ def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, c
         raise cio.DataError("\n".join(str(p) for p in problems))
     slices_a = collect_slices(paths_a, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
     slices_b = collect_slices(paths_b, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
-    nets, history = train_cyclegan(slices_a, slices_b, cfg, out_dir, stop_after=stop_after, progress=progress, device=device)
     summary = {"centres": list(centres), "ceT1_cases": len(paths_a), "hrT2_cases": len(paths_b), "ceT1_slices": int(slices_a.shape[0]), "hrT2_slices": int(slices_b.shape[0]), "slice_size": list(slices_a.shape[-2:])}
-    if (Path(out_dir) / "config.json").exists():
+    out_dir = Path(out_dir)
+    if cfg.draws == 1:
+        nets, history = train_cyclegan(slices_a, slices_b, cfg, out_dir, stop_after=stop_after, progress=progress, device=device)
+    else:
+        screen_paths = stage_volumes(stage01, "source", "ceT1", list(cio.CENTRES.values()))
+        table = screen_draws(slices_a, slices_b, cfg, out_dir, screen_paths, progress=progress, device=device)
+        best = int(table.loc[table.chosen, "draw"].iloc[0])
+        summary["draw"] = best
+        summary["draw_seed"] = cfg.draw(best).seed
+        folder = draw_dir(out_dir, best)
+        nets, history = train_cyclegan(slices_a, slices_b, cfg.draw(best), folder, stop_after=stop_after, progress=progress, device=device)
+        if (folder / "config.json").exists():  # finished: the chosen draw becomes the stage's CycleGAN
+            for name in ("checkpoint.pt", "losses.csv", "config.json"):
+                data = (folder / name).read_bytes()
+                if not (out_dir / name).exists() or (out_dir / name).read_bytes() != data:
+                    cio.write_bytes_atomic(out_dir / name, data)
+    if (out_dir / "config.json").exists():
         from crossmoda_lib import __version__
 
         manifest = {"stage": "02_cyclegan", "library_version": __version__, "settings": cfg.as_dict(), "min_anatomy_fraction": min_anatomy_fraction, **summary}
-        cio.write_text_atomic(Path(out_dir) / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        cio.write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return nets, history, summary
+
+
+def draw_dir(out_dir: Path | str, k: int) -> Path:
+    """Where draw ``k`` of the screen trains (``02_cyclegan/draws/draw_<k>/``)."""
+    return Path(out_dir) / "draws" / f"draw_{k}"
+
+
+#: Columns of ``02_cyclegan/draws.csv``, one row per screened draw.
+DRAW_COLUMNS = ("draw", "seed", "iterations", "vs_csf_contrast", "vs_level", "cases", "chosen")
+
+
+def screen_draws(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, source_paths: list[Path], *, progress: bool = True, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """The draw gate: train ``cfg.draws`` CycleGANs (:meth:`CycleGANConfig.draw`) for
+    ``cfg.draw_epochs`` epochs each, translate every source ceT1 volume with each and score it by
+    :func:`vs_csf_contrast` against the source labels; the best draw is ``chosen``.
+
+    Only the source labels and the unlabelled hrT2 the CycleGAN trains on are used, never a target
+    label. Each draw resumes from its own folder (:func:`draw_dir`); a draw's score is written to
+    ``draws.csv`` as soon as it exists and read back on the next call, so the screen is done once
+    even after the chosen draw has trained on. Returns the table (:data:`DRAW_COLUMNS`).
+    """
+    out_dir = Path(out_dir)
+    table_path = out_dir / "draws.csv"
+    key_path = out_dir / "draws.json"
+    key = {"settings": cfg.as_dict(), "data_shapes": [list(slices_a.shape), list(slices_b.shape)], "source_volumes": [p.name for p in source_paths]}
+    rows: list[dict] = []
+    if table_path.exists():
+        saved = json.loads(key_path.read_text()) if key_path.exists() else None
+        if saved != key:
+            raise ValueError(f"{table_path}: made with other settings or data; delete {out_dir} or use another output folder")
+        rows = pd.read_csv(table_path).drop(columns="chosen").to_dict("records")
+    cio.write_text_atomic(key_path, json.dumps(key, indent=2) + "\n")
+    stop = cfg.draw_epochs * epoch_steps(slices_a.shape[0], cfg)
+    done = {int(r["draw"]) for r in rows}
+    for k in range(cfg.draws):
+        if k in done:
+            continue
+        dcfg = cfg.draw(k)
+        if progress:
+            print(f"02 CycleGAN: draw {k + 1} of {cfg.draws} (seed {dcfg.seed}), {cfg.draw_epochs} epochs ({stop} iterations)", flush=True)
+        nets, _ = train_cyclegan(slices_a, slices_b, dcfg, draw_dir(out_dir, k), stop_after=stop, progress=progress, device=device)
+        rows.append({"draw": k, "seed": dcfg.seed, "iterations": stop, **source_translation_scores(nets.G_A, cfg.image_size, source_paths)})
+        _write_draws(table_path, rows)
+    return _write_draws(table_path, rows)
+
+
+def _write_draws(path: Path, rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows).sort_values("draw").reset_index(drop=True)
+    table["chosen"] = False
+    table.loc[table.vs_csf_contrast.idxmax(), "chosen"] = True  # ties: the lowest draw
+    table = table[list(DRAW_COLUMNS)]
+    cio.write_text_atomic(path, table.to_csv(index=False))
+    return table
+
+
+def vs_csf_contrast(image: np.ndarray, vs: np.ndarray, spacing_zyx: tuple[float, float, float], *, ring_mm: tuple[float, float] = (1.0, 4.0), csf_percentile: float = 90.0) -> dict[str, float]:
+    """How hrT2-like a translated tumour is, from its source label only.
+
+    On hrT2 the VS lies in the CSF of the cerebellopontine cistern and the internal auditory canal
+    and is darker than it (papers/000, Fig. 1; the synthetic cohort's real hrT2 puts the tumour at
+    about half the CSF). On ceT1 the enhancing tumour is brighter than everything around it. So:
+    ``vs_csf_contrast`` = (the ``csf_percentile`` of the ring ``ring_mm`` around the tumour, i.e.
+    its brightest surroundings, minus the median inside the tumour) / the volume's 99th
+    percentile. About +0.45 on the synthetic real hrT2 with the truth, about -0.6 to -1.1 on ceT1
+    (a CycleGAN caught near the identity mapping), about 0 where the tumour was painted as CSF.
+    ``vs_level`` is the median inside over the 99th percentile. NaN when ``vs`` is empty.
+
+    A translation that painted the tumour as dark as a flow void would also score high: the
+    criterion guards against the two failures seen (identity, CSF), not against every failure.
+    """
+    from scipy import ndimage
+
+    vs = np.asarray(vs, dtype=bool)
+    if not vs.any():
+        return {"vs_csf_contrast": float("nan"), "vs_level": float("nan")}
+    distance = ndimage.distance_transform_edt(~vs, sampling=spacing_zyx)
+    ring = (distance > ring_mm[0]) & (distance <= ring_mm[1])
+    scale = max(float(np.percentile(image, 99)), 1e-6)
+    inside = float(np.median(image[vs]))
+    return {"vs_csf_contrast": (float(np.percentile(image[ring], csf_percentile)) - inside) / scale, "vs_level": inside / scale}
+
+
+def source_translation_scores(generator: nn.Module, image_size: tuple[int, int] | None, source_paths: list[Path]) -> dict[str, float]:
+    """:func:`vs_csf_contrast` of ``generator``'s translation of each source ceT1 volume (stage 01,
+    with its ``_Label``), mean over the volumes with a VS; ``cases`` counts them."""
+    scores = []
+    for path in source_paths:
+        image = sitk.ReadImage(str(path))
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_ceT1.nii.gz", "_Label.nii.gz")))
+        if not (labels == 1).any():
+            continue
+        pseudo = translate_array(generator, sitk.GetArrayFromImage(image).astype(np.float32), image_size)
+        scores.append(vs_csf_contrast(pseudo, labels == 1, image.GetSpacing()[::-1]))
+    if not scores:
+        raise cio.DataError(f"no source label with a VS among {[p.name for p in source_paths[:3]]}...: the draw gate needs one")
+    return {"vs_csf_contrast": float(np.mean([r["vs_csf_contrast"] for r in scores])), "vs_level": float(np.mean([r["vs_level"] for r in scores])), "cases": len(scores)}
 
 
 def translate_stage(stage01: Path | str, checkpoint: Path | str, out_dir: Path | str, *, batch_size: int = 16, progress: bool = True, device: str | torch.device = "cpu") -> pd.DataFrame:

@@ -248,3 +248,42 @@ def test_split_sizes_and_refusals(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         synth.generate_cohort(tmp_path / "full", cases_per_centre=3, progress=False)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_a_held_out_test_split_with_truth_leaves_the_other_splits_unchanged(cohort, tmp_path):
+    """``test/``: hrT2 only, in the 2022 layout, a truth label for each, numbered after validation;
+    the training and validation cases are the same files as in a cohort without it."""
+    out = tmp_path / "data"
+    made = synth.generate_cohort(out, seed=0, cases_per_centre=6, test_cases_per_centre=2, progress=False)
+    assert made["test_cases_per_centre"] == 2
+    tests = sorted(p.name for p in (out / "test").iterdir())
+    assert tests == ["crossmoda2021_ldn_311_hrT2.nii.gz", "crossmoda2021_ldn_312_hrT2.nii.gz", "crossmoda2022_etz_310_hrT2.nii.gz", "crossmoda2022_etz_311_hrT2.nii.gz"]
+    for name in tests:
+        image = sitk.ReadImage(str(out / "test" / name))
+        truth = sitk.ReadImage(str(out / "synthetic_truth" / name.replace("_hrT2", "_hrT2_Label")))
+        assert cio.geometry_mismatch(image, truth) is None
+        values = set(np.unique(sitk.GetArrayViewFromImage(truth)))
+        assert values == {0, 1, 2}, name  # a tumour and the cochleae in every test case
+    # Every case draws from its own generator: the other splits are byte for byte the cohort without test/.
+    for case in json.loads((cohort / "manifest.json").read_text())["cases"]:
+        for key in ("image", "label"):
+            assert (out / case[key]).read_bytes() == (cohort / case[key]).read_bytes(), case[key]
+    test_cases = [c for c in made["cases"] if c["split"] == "test"]
+    assert sorted(c["koos"] for c in test_cases if c["case"].startswith("crossmoda2021_ldn")) == [1, 4]  # the Koos cycle of every split
+    # The layout validates with and without the optional split; an empty one is an error.
+    assert not cio.validate_dataset(out).errors and not cio.validate_dataset(cohort).errors
+    for name in tests:
+        (out / "test" / name).unlink()
+    assert any("test" in p.path and "empty split" in p.reason for p in cio.validate_dataset(out).errors)
+
+
+def test_a_cohort_made_without_the_test_split_is_refused_when_one_is_asked(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    made = {"generator": "crossmoda_lib.synth", "generator_version": synth.GENERATOR_VERSION, "seed": 0, "cases_per_centre": 8, "fov": "roi"}
+    (data / "manifest.json").write_text(json.dumps(made))  # a cohort of before the test split: none
+    assert synth.ensure_cohort(data, 0, 8, "roi") == (data, False)
+    with pytest.raises(cio.DataError, match=r"test_cases_per_centre 0 \(asked: 8\)"):
+        synth.ensure_cohort(data, 0, 8, "roi", test_cases_per_centre=8)
+    with pytest.raises(ValueError, match="test_cases_per_centre must be >= 0"):
+        synth.generate_cohort(tmp_path / "neg", cases_per_centre=3, test_cases_per_centre=-1, progress=False)

@@ -194,3 +194,91 @@ def test_settings_survive_their_json_form():
 
     for cfg in (TOY, tr.CycleGANConfig(**{**TOY.as_dict(), "image_size": None})):
         assert tr.CycleGANConfig.from_dict(json.loads(json.dumps(cfg.as_dict()))) == cfg
+
+
+def _tumour_in_csf(tumour: float, csf: float, parenchyma: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """A (Z, Y, X) = (20, 40, 40) volume at 1.0 x 0.5 x 0.5 mm: a ball of radius 3 mm (the VS) at
+    ``tumour``, in a ball of CSF of radius 8 mm, in parenchyma."""
+    z, y, x = np.meshgrid(np.arange(20) * 1.0, np.arange(40) * 0.5, np.arange(40) * 0.5, indexing="ij")
+    r = np.sqrt((z - 10.0) ** 2 + (y - 10.0) ** 2 + (x - 10.0) ** 2)
+    image = np.full(r.shape, parenchyma, np.float32)
+    image[r <= 8.0] = csf
+    vs = r <= 3.0
+    image[vs] = tumour
+    return image, vs
+
+
+def test_vs_csf_contrast_against_the_formula_and_the_two_failures():
+    # hrT2-like: the ring 1-4 mm around the tumour is all CSF (radius <= 7 mm < 8 mm), so the 90th
+    # percentile of the ring is the CSF, the median inside is the tumour, the 99th percentile of the
+    # volume is the CSF: (1.0 - 0.5) / 1.0.
+    image, vs = _tumour_in_csf(0.5, 1.0)
+    got = tr.vs_csf_contrast(image, vs, (1.0, 0.5, 0.5))
+    assert got["vs_csf_contrast"] == pytest.approx(0.5) and got["vs_level"] == pytest.approx(0.5)
+    # Caught near the identity mapping (ceT1: an enhancing tumour in dark CSF): negative.
+    image, vs = _tumour_in_csf(1.0, 0.1)
+    assert tr.vs_csf_contrast(image, vs, (1.0, 0.5, 0.5))["vs_csf_contrast"] == pytest.approx(0.1 - 1.0)
+    # The tumour painted as CSF: no contrast.
+    image, vs = _tumour_in_csf(1.0, 1.0)
+    assert tr.vs_csf_contrast(image, vs, (1.0, 0.5, 0.5))["vs_csf_contrast"] == pytest.approx(0.0)
+    # The ring is in mm of the given spacing. With the 0th percentile the score reads the ring's
+    # darkest voxel: CSF (0.5 above the tumour) while the ring stays inside the CSF ball (5 voxels
+    # thick through-plane, 10 in-plane), parenchyma (0.2 below it) once it reaches past it. Read
+    # at 0.5 mm through-plane, 1-4 mm is 2-8 voxels there: past the ball.
+    image, vs = _tumour_in_csf(0.5, 1.0)
+    ring = lambda spacing: tr.vs_csf_contrast(image, vs, spacing, csf_percentile=0.0)["vs_csf_contrast"]  # noqa: E731 - darkest ring voxel
+    assert ring((1.0, 0.5, 0.5)) == pytest.approx(0.5) and ring((3.0, 0.5, 0.5)) == pytest.approx(0.5)
+    assert ring((0.5, 3.0, 3.0)) == pytest.approx(0.3 - 0.5)
+    assert np.isnan(tr.vs_csf_contrast(image, np.zeros_like(vs), (1.0, 0.5, 0.5))["vs_csf_contrast"])
+
+
+def test_the_draw_gate_screens_every_draw_and_trains_the_best_to_the_end(cohort, tmp_path):
+    """draws > 1: each draw trains draw_epochs epochs and is scored on the source volumes; the one
+    with the highest criterion trains on, and the stage's CycleGAN is exactly the one that a single
+    training with that draw's seed gives. A second call trains nothing."""
+    import json
+
+    from crossmoda_lib import preprocess as pp
+
+    stage01 = tmp_path / "01"
+    pp.preprocess_dataset(cohort, stage01, pp.PreprocessConfig(crop_size=(96, 80)), progress=False)
+    cfg = tr.CycleGANConfig(ngf=4, ndf=4, n_blocks=1, n_epochs=1, n_epochs_decay=1, image_size=(24, 32), log_every=5, draws=2, draw_epochs=1)
+    _, _, summary = tr.train_stage(stage01, tmp_path / "02", cfg, ["London"], progress=False)
+    table = pd.read_csv(tmp_path / "02" / "draws.csv")
+    assert list(table.columns) == list(tr.DRAW_COLUMNS) and list(table.draw) == [0, 1] and list(table.seed) == [0, 1000]
+    assert table.chosen.sum() == 1 and table.loc[table.chosen, "vs_csf_contrast"].iloc[0] == table.vs_csf_contrast.max()
+    assert (table.cases == 6).all() and (table.iterations == table.iterations.iloc[0]).all()
+    best = int(table.loc[table.chosen, "draw"].iloc[0])
+    assert summary["draw"] == best and summary["draw_seed"] == 1000 * best
+    manifest = json.loads((tmp_path / "02" / "manifest.json").read_text())
+    assert manifest["draw"] == best and manifest["settings"]["draws"] == 2
+    # The criterion of the screen is the one of the draw's generator at that point: recompute it
+    # for a draw that was not chosen (its folder holds the screened checkpoint).
+    other = 1 - best
+    saved = torch.load(tmp_path / "02" / "draws" / f"draw_{other}" / "checkpoint.pt", weights_only=False)
+    generator = tr.ResnetGenerator(1, 1, 4, 1)
+    generator.load_state_dict(saved["nets"]["G_A"])
+    sources = tr.stage_volumes(stage01, "source", "ceT1", ["London", "Tilburg"])
+    again = tr.source_translation_scores(generator, cfg.image_size, sources)
+    assert again["vs_csf_contrast"] == pytest.approx(float(table.vs_csf_contrast[other]), abs=1e-6)
+    # The stage's checkpoint equals one CycleGAN trained straight with the chosen seed.
+    straight_cfg = tr.CycleGANConfig(**{**cfg.as_dict(), "image_size": (24, 32), "seed": 1000 * best, "draws": 1, "draw_epochs": 0})
+    tr.train_stage(stage01, tmp_path / "straight", straight_cfg, ["London"], progress=False)
+    gated = tr.load_generators(tmp_path / "02" / "checkpoint.pt")[0].state_dict()
+    straight = tr.load_generators(tmp_path / "straight" / "checkpoint.pt")[0].state_dict()
+    assert all(torch.equal(gated[k], straight[k]) for k in gated)
+    # Rerun: the screen is read back, nothing trains again.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "02").rglob("checkpoint.pt")}
+    tr.train_stage(stage01, tmp_path / "02", cfg, ["London"], progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "02").rglob("checkpoint.pt")} == stamps
+    # Other gate settings on the same folder are refused, naming the file.
+    with pytest.raises(ValueError, match="draws.csv: made with other settings"):
+        tr.train_stage(stage01, tmp_path / "02", tr.CycleGANConfig(**{**cfg.as_dict(), "image_size": (24, 32), "draws": 3}), ["London"], progress=False)
+
+
+def test_draw_gate_settings_are_checked():
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        tr.CycleGANConfig(draws=0)
+    with pytest.raises(ValueError, match="draw_epochs must be between 1 and the 3 epochs"):
+        tr.CycleGANConfig(n_epochs=1, n_epochs_decay=2, draws=2, draw_epochs=4)
+    assert tr.CycleGANConfig(seed=7, draws=3, draw_epochs=1).draw(2).seed == 2007
