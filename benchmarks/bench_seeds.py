@@ -11,7 +11,7 @@ and writes one row per run to ``<root>/seeds.csv`` (:data:`crossmoda_lib.report.
   models, predicted again with ``cochlea_components: 0``), and per centre;
 * ``translation_score``: the VS oracle of ``bench_translation_quality.py`` (trained on the run's
   real hrT2 with the synthetic truth, which the method never sees) applied to the run's pseudo-hrT2;
-* ``vs_csf_contrast``: the draw gate's criterion on the run's pseudo-hrT2 (source labels only);
+* ``vs_band_dice``: the draw gate's criterion on the run's pseudo-hrT2 (source labels only);
 * ``draw``: the CycleGAN draw the gate chose; ``wall_min``: notebooks 01-09.
 
 It prints, after every run, the table so far and the median, the worst run and the failure rate
@@ -106,8 +106,8 @@ def translation_scores(run_dir: Path, oracle_iterations: int) -> dict:
         if not label.any():
             continue
         dice += btq.score(net, cfg, [seg.Case(path.name, pseudo, label.astype(np.uint8))], "vs")
-        contrast.append(tr.vs_csf_contrast(pseudo, label, image.GetSpacing()[::-1])["vs_csf_contrast"])
-    return {"translation_score": float(np.mean(dice)), "vs_csf_contrast": float(np.mean(contrast))}
+        contrast.append(tr.vs_measures(pseudo, label, image.GetSpacing()[::-1])[tr.DRAW_CRITERION])
+    return {"translation_score": float(np.mean(dice)), "vs_band_dice": float(np.mean(contrast))}
 
 
 def summarise(run_dir: Path, seed: int, kernels: str, *, oracle_iterations: int = 250) -> dict:

@@ -120,13 +120,13 @@ def rounds_table(dice_by_round: pd.DataFrame) -> pd.DataFrame:
 #: Columns of ``seeds.csv``: one row per (seed, CPU kernels) run of a whole profile. Dice and ASSD
 #: are means over the reported split's cases; the cochlea twice, with the run's post-processing and
 #: with the paper's (every component); ``translation_score`` is the VS oracle's Dice on the run's
-#: pseudo-hrT2 (``bench_translation_quality.py``); ``draw`` the CycleGAN draw the gate chose (0
-#: without a gate); ``wall_min`` the run's notebooks 01-09.
+#: pseudo-hrT2 (``bench_translation_quality.py``); ``vs_band_dice`` the draw gate's criterion on
+#: it (source labels only); ``draw`` the CycleGAN draw the gate chose (0 without a gate); ``wall_min`` the run's notebooks 01-09.
 SEED_COLUMNS = (
     "seed", "cpu_kernels", "split", "cases",
     "VS_Dice", "VS_ASSD", "Cochlea_Dice", "Cochlea_ASSD", "Cochlea_Dice_every_component", "Cochlea_ASSD_every_component",
     "London_VS_Dice", "Tilburg_VS_Dice", "London_Cochlea_Dice", "Tilburg_Cochlea_Dice",
-    "translation_score", "vs_csf_contrast", "draw", "wall_min",
+    "translation_score", "vs_band_dice", "draw", "wall_min",
 )  # fmt: skip
 #: A run whose mean VS Dice is below this failed (the translation or the training did not find tumours).
 FAILED_VS_DICE = 0.5

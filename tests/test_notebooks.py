@@ -140,6 +140,10 @@ def test_smoke_01_outputs(smoke_run):
     for name in ("cases.csv", "label_volumes.csv", "manifest.json", "figures/cohort.png", "figures/before_after_london.png", "figures/before_after_tilburg.png"):
         assert (stage / name).is_file(), name
     assert len(list((stage / "source").glob("*_ceT1.nii.gz"))) == 4
+    # The held-out test split (one hrT2 per centre in the smoke profile), each with its truth.
+    tests = sorted(p.name for p in (stage / "test").glob("*_hrT2.nii.gz"))
+    assert tests == ["crossmoda2021_ldn_311_hrT2.nii.gz", "crossmoda2022_etz_310_hrT2.nii.gz"]
+    assert all((stage / "synthetic_truth" / t.replace("_hrT2", "_hrT2_Label")).is_file() for t in tests)
 
 
 @pytest.mark.notebook
@@ -152,6 +156,11 @@ def test_smoke_02_03_outputs(smoke_run):
     out = tmp / "outputs"
     for name in ("02_cyclegan/checkpoint.pt", "02_cyclegan/losses.csv", "02_cyclegan/manifest.json", "02_cyclegan/figures/losses.png", "02_cyclegan/figures/cycle_examples.png", "03_translate/manifest.json", "03_translate/figures/pseudo_hrT2.png"):
         assert (out / name).is_file(), name
+    # The draw gate (smoke: 2 draws): both screened, the chosen one is the stage's CycleGAN.
+    draws = pd.read_csv(out / "02_cyclegan" / "draws.csv")
+    assert list(draws.draw) == [0, 1] and draws.chosen.sum() == 1
+    chosen = int(draws.loc[draws.chosen, "draw"].iloc[0])
+    assert (out / "02_cyclegan" / "checkpoint.pt").read_bytes() == (out / "02_cyclegan" / "draws" / f"draw_{chosen}" / "checkpoint.pt").read_bytes()
     sources = sorted((out / "01_preprocess" / "source").glob("*_ceT1.nii.gz"))
     for folder in ("pseudo_hrT2", "pseudo_hrT2_vc"):
         for src in sources:
@@ -243,8 +252,8 @@ def test_smoke_06_07_08_outputs(smoke_run):
             assert manifest["clip_percentile"] == (95.0 if structure == "cochlea" else None)
     dice = pd.read_csv(out / "07_self_training" / "dice_by_round.csv")
     assert sorted(dice["round"].unique()) == list(range(1, rounds + 1)) and {"vs_dice", "cochlea_dice"} <= set(dice.columns)
-    # Submission-format predictions for every validation case.
-    for path in sorted((data / "validation").glob("*_hrT2.nii.gz")):
+    # Submission-format predictions for every validation and test case.
+    for path in sorted((data / "validation").glob("*_hrT2.nii.gz")) + sorted((data / "test").glob("*_hrT2.nii.gz")):
         label = sitk.ReadImage(str(out / "08_inference" / "predictions" / inference.label_name(path.name)))
         assert cio.geometry_mismatch(label, sitk.ReadImage(str(path))) is None
         assert set(np.unique(sitk.GetArrayViewFromImage(label))) <= {0, 1, 2}
@@ -258,8 +267,10 @@ def test_smoke_09_outputs_rebuild_from_csv(smoke_run, tmp_path):
     tmp, _ = smoke_run
     stage = tmp / "outputs" / "09_evaluation"
     scores = pd.read_csv(stage / "scores.csv")
-    validation = sorted(p.name.removesuffix("_hrT2.nii.gz") for p in (tmp / "data" / "validation").glob("*_hrT2.nii.gz"))
-    assert list(scores.columns[:6]) == [*metrics.OFFICIAL_COLUMNS, "Centre"] and sorted(scores.Case) == validation
+    # Reported on the test split; the validation split (where settings are chosen) scored beside.
+    split_cases = lambda split: sorted(p.name.removesuffix("_hrT2.nii.gz") for p in (tmp / "data" / split).glob("*_hrT2.nii.gz"))  # noqa: E731
+    assert list(scores.columns[:6]) == [*metrics.OFFICIAL_COLUMNS, "Centre"] and sorted(scores.Case) == split_cases("test") != []
+    assert sorted(pd.read_csv(stage / "scores_validation.csv").Case) == split_cases("validation") != []
     for name in ("table1", "per_centre_mean_std", "per_centre_median_iqr", "ablations", "challenge_ranking"):
         for suffix in (".md", ".csv", ".tex"):
             assert (stage / "tables" / f"{name}{suffix}").is_file(), name + suffix

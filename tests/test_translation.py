@@ -208,28 +208,38 @@ def _tumour_in_csf(tumour: float, csf: float, parenchyma: float = 0.3) -> tuple[
     return image, vs
 
 
-def test_vs_csf_contrast_against_the_formula_and_the_two_failures():
+def test_vs_measures_against_their_formulas_and_the_failures_seen():
     # hrT2-like: the ring 1-4 mm around the tumour is all CSF (radius <= 7 mm < 8 mm), so the 90th
     # percentile of the ring is the CSF, the median inside is the tumour, the 99th percentile of the
-    # volume is the CSF: (1.0 - 0.5) / 1.0.
+    # volume is the CSF: contrast (1.0 - 0.5) / 1.0; the band |x - 0.5| < 0.25 is the tumour: Dice 1.
     image, vs = _tumour_in_csf(0.5, 1.0)
-    got = tr.vs_csf_contrast(image, vs, (1.0, 0.5, 0.5))
-    assert got["vs_csf_contrast"] == pytest.approx(0.5) and got["vs_level"] == pytest.approx(0.5)
-    # Caught near the identity mapping (ceT1: an enhancing tumour in dark CSF): negative.
+    got = tr.vs_measures(image, vs, (1.0, 0.5, 0.5))
+    assert got["vs_csf_contrast"] == pytest.approx(0.5) and got["vs_level"] == pytest.approx(0.5) and got["vs_band_dice"] == 1.0
+    # Caught near the identity mapping (ceT1: an enhancing tumour in dark CSF): negative, no band.
     image, vs = _tumour_in_csf(1.0, 0.1)
-    assert tr.vs_csf_contrast(image, vs, (1.0, 0.5, 0.5))["vs_csf_contrast"] == pytest.approx(0.1 - 1.0)
-    # The tumour painted as CSF: no contrast.
+    got = tr.vs_measures(image, vs, (1.0, 0.5, 0.5))
+    assert got["vs_csf_contrast"] == pytest.approx(0.1 - 1.0) and got["vs_band_dice"] == 0.0
+    # The tumour painted as CSF: no contrast, no band.
     image, vs = _tumour_in_csf(1.0, 1.0)
-    assert tr.vs_csf_contrast(image, vs, (1.0, 0.5, 0.5))["vs_csf_contrast"] == pytest.approx(0.0)
+    got = tr.vs_measures(image, vs, (1.0, 0.5, 0.5))
+    assert got["vs_csf_contrast"] == pytest.approx(0.0) and got["vs_band_dice"] == 0.0
+    # Broken into pieces: a fraction f < 1/2 of the tumour as dark as air. The median stays 0.5, the
+    # band holds the rest of the tumour: Dice 2 (1 - f) n / ((1 - f) n + n) = 2 (1 - f) / (2 - f).
+    image, vs = _tumour_in_csf(0.5, 1.0)
+    dark = vs & (np.arange(40)[None, None, :] < 18)
+    image[dark] = 0.0
+    f = dark.sum() / vs.sum()
+    assert 0.1 < f < 0.5
+    assert tr.vs_measures(image, vs, (1.0, 0.5, 0.5))["vs_band_dice"] == pytest.approx(2 * (1 - f) / (2 - f))
     # The ring is in mm of the given spacing. With the 0th percentile the score reads the ring's
     # darkest voxel: CSF (0.5 above the tumour) while the ring stays inside the CSF ball (5 voxels
     # thick through-plane, 10 in-plane), parenchyma (0.2 below it) once it reaches past it. Read
     # at 0.5 mm through-plane, 1-4 mm is 2-8 voxels there: past the ball.
     image, vs = _tumour_in_csf(0.5, 1.0)
-    ring = lambda spacing: tr.vs_csf_contrast(image, vs, spacing, csf_percentile=0.0)["vs_csf_contrast"]  # noqa: E731 - darkest ring voxel
+    ring = lambda spacing: tr.vs_measures(image, vs, spacing, csf_percentile=0.0)["vs_csf_contrast"]  # noqa: E731 - darkest ring voxel
     assert ring((1.0, 0.5, 0.5)) == pytest.approx(0.5) and ring((3.0, 0.5, 0.5)) == pytest.approx(0.5)
     assert ring((0.5, 3.0, 3.0)) == pytest.approx(0.3 - 0.5)
-    assert np.isnan(tr.vs_csf_contrast(image, np.zeros_like(vs), (1.0, 0.5, 0.5))["vs_csf_contrast"])
+    assert all(np.isnan(v) for v in tr.vs_measures(image, np.zeros_like(vs), (1.0, 0.5, 0.5)).values())
 
 
 def test_the_draw_gate_screens_every_draw_and_trains_the_best_to_the_end(cohort, tmp_path):
@@ -246,7 +256,7 @@ def test_the_draw_gate_screens_every_draw_and_trains_the_best_to_the_end(cohort,
     _, _, summary = tr.train_stage(stage01, tmp_path / "02", cfg, ["London"], progress=False)
     table = pd.read_csv(tmp_path / "02" / "draws.csv")
     assert list(table.columns) == list(tr.DRAW_COLUMNS) and list(table.draw) == [0, 1] and list(table.seed) == [0, 1000]
-    assert table.chosen.sum() == 1 and table.loc[table.chosen, "vs_csf_contrast"].iloc[0] == table.vs_csf_contrast.max()
+    assert table.chosen.sum() == 1 and table.loc[table.chosen, "vs_band_dice"].iloc[0] == table.vs_band_dice.max()
     assert (table.cases == 6).all() and (table.iterations == table.iterations.iloc[0]).all()
     best = int(table.loc[table.chosen, "draw"].iloc[0])
     assert summary["draw"] == best and summary["draw_seed"] == 1000 * best
@@ -260,7 +270,7 @@ def test_the_draw_gate_screens_every_draw_and_trains_the_best_to_the_end(cohort,
     generator.load_state_dict(saved["nets"]["G_A"])
     sources = tr.stage_volumes(stage01, "source", "ceT1", ["London", "Tilburg"])
     again = tr.source_translation_scores(generator, cfg.image_size, sources)
-    assert again["vs_csf_contrast"] == pytest.approx(float(table.vs_csf_contrast[other]), abs=1e-6)
+    assert again["vs_band_dice"] == pytest.approx(float(table.vs_band_dice[other]), abs=1e-6)
     # The stage's checkpoint equals one CycleGAN trained straight with the chosen seed.
     straight_cfg = tr.CycleGANConfig(**{**cfg.as_dict(), "image_size": (24, 32), "seed": 1000 * best, "draws": 1, "draw_epochs": 0})
     tr.train_stage(stage01, tmp_path / "straight", straight_cfg, ["London"], progress=False)
