@@ -47,7 +47,7 @@ def test_bench_seeds_writes_the_seed_table_and_resumes(tmp_path):
     for case in scores.Case:
         kept = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "08_inference" / "predictions" / f"{case}_Label.nii.gz")))
         all_parts = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "bench_seeds" / "predictions_every_component" / f"{case}_Label.nii.gz")))
-        assert ((kept == 2) <= (all_parts == 2)).all() and np.array_equal(kept == 1, all_parts == 1)
+        assert ((kept == 2) <= (all_parts == 2)).all()
     assert (tmp_path / "seeds.png").is_file()
     # The run's own profile: the smoke profile with this seed and its own folders.
     manifest = json.loads((run / "run_manifest.json").read_text())
