@@ -125,6 +125,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from crossmoda_lib import io as cio
     from crossmoda_lib import metrics
 
+    if args.output.is_dir() or (args.output.parent.exists() and not args.output.parent.is_dir()):
+        print(f"crossmoda evaluate: {args.output}: -o must be a CSV file path, not a folder or inside a file", file=sys.stderr)
+        return 2
     try:
         table = metrics.evaluate_folders(args.pred_dir, args.truth_dir)
     except cio.DataError as exc:
@@ -181,6 +184,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that come from what the user gave (files, folders, profiles, devices) or from the
+    machine (a full disk, a permission): one line naming the file, never a traceback."""
+    from crossmoda_lib import config, devices
+    from crossmoda_lib import io as cio
+
+    return (cio.DataError, config.ProfileError, devices.DeviceError, OSError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The line for a user error: an operating-system error is its file and the system's reason."""
+    filename = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and filename and exc.strerror:
+        return f"{filename}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"crossmoda {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except user_error_types() as exc:
+        if args.debug:
+            raise
+        print(f"crossmoda {args.command}: {describe_error(exc)}", file=sys.stderr)
+        return 2

@@ -158,3 +158,38 @@ def pinned_cpu_kernels(choice: str) -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """End this process as soon as the process that started it ends, however that one ends.
+
+    The training workers of stages 06-07 (spawned by the notebook's kernel, which Jupyter's own parent
+    poller ends when ``crossmoda run`` ends) call this first: a killed run then leaves no worker
+    training on and writing checkpoints into the output folder under a rerun. On Linux the kernel
+    delivers SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); everywhere a watcher thread also
+    checks every ``poll_s`` seconds that the parent is still the one that started this process.
+    """
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if parent == 1 or os.getppid() != parent:  # the parent died before this process got here
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()

@@ -245,6 +245,21 @@ def load_bundle(models_dir: Path | str, payload: dict | None = None, device: str
     return Bundle(preprocess, vs, cochlea, bool(payload.get("keep_largest_vs", True)), payload, payload.get("cochlea_components", 0))
 
 
+#: In a prediction folder: which input (name and sha256) each label was made from.
+PREDICTIONS_RECORD = "predictions.json"
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def label_name(image_name: str) -> str:
     """``crossmoda2022_etz_105_hrT2.nii.gz`` -> ``crossmoda2022_etz_105_Label.nii.gz``."""
     stem = image_name[: -len(".nii.gz")] if image_name.endswith(".nii.gz") else Path(image_name).stem
@@ -257,11 +272,19 @@ def check_inputs(in_dir: Path | str, out_dir: Path | str) -> list[Path]:
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise cio.DataError(f"{in_dir}: input folder not found")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise cio.DataError(f"{out_dir}: is a file; the output must be a folder")
     if out_dir.resolve() == in_dir.resolve() or in_dir.resolve() in out_dir.resolve().parents:
         raise cio.DataError(f"{out_dir}: the output folder must not be the input folder or inside it")
-    paths = sorted(in_dir.glob("*.nii.gz"))
+    paths = sorted(p for p in in_dir.glob("*.nii.gz") if not p.name.startswith("."))  # dot files: hidden, or a writer's partial file
     if not paths:
         raise cio.DataError(f"{in_dir}: no .nii.gz files to segment")
+    by_label: dict[str, list[str]] = {}
+    for path in paths:
+        by_label.setdefault(label_name(path.name), []).append(path.name)
+    clashes = {label: names for label, names in by_label.items() if len(names) > 1}
+    if clashes:
+        raise cio.DataError(f"{in_dir}: " + "; ".join(f"{' and '.join(names)} would both be segmented into {label}" for label, names in clashes.items()) + "; rename one of them")
     problems = []
     for path in paths:
         _, found = cio.check_image_file(path)
@@ -285,8 +308,10 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
     """Segment every hrT2 of ``in_dir`` into ``out_dir/<case>_Label.nii.gz`` on its own grid.
 
     Inputs and the model bundle are checked before any model is loaded; a prediction that already
-    exists is kept unless ``overwrite`` (so an interrupted run resumes), or unless the models changed
-    since it was made (``models_used.json`` records them). Writes are atomic. ``device``: where the
+    exists is kept (so an interrupted run resumes) only when ``predictions.json`` records it as made
+    from this very input (its name and sha256) by these models (``models_used.json``); otherwise,
+    or with ``overwrite``, it is recomputed. Two inputs whose labels would share a name are refused.
+    A second process on the same ``out_dir`` is refused (:class:`crossmoda_lib.io.FolderLocked`). Writes are atomic. ``device``: where the
     networks run (:func:`crossmoda_lib.devices.resolve`; checked before anything is read).
 
     Returns:
@@ -303,23 +328,30 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
     payload = read_bundle_file(models_dir)
     bundle = load_bundle(models_dir, payload, device)
     out_dir = Path(out_dir)
-    # Predictions made by other models (retrained, another bundle) are stale: recompute them all.
-    stamp = json.dumps({"bundle": payload, "checkpoints": _checkpoint_stamps(models_dir, payload)}, sort_keys=True)
-    stamp_path = out_dir / "models_used.json"
-    if stamp_path.exists() and stamp_path.read_text() != stamp:
-        overwrite = True
-    cio.write_text_atomic(stamp_path, stamp)
     rows = []
-    for path in tqdm(paths, desc="08 inference", disable=not progress):
-        target = out_dir / label_name(path.name)
-        if target.exists() and not overwrite:
-            rows.append({"image": path.name, "label": target.name, "seconds": 0.0, "status": "kept"})
-            continue
-        t0 = time.perf_counter()
-        original = sitk.ReadImage(str(path))
-        report: dict = {}
-        (label,) = segment(original, bundle.vs, bundle.cochlea, bundle.preprocess, keep_largest_vs=bundle.keep_largest_vs, cochlea_components=bundle.cochlea_components, report=report)
-        cio.write_image(label, target)
-        arr = sitk.GetArrayViewFromImage(label)
-        rows.append({"image": path.name, "label": target.name, "seconds": round(time.perf_counter() - t0, 2), "status": "written", "vs_voxels": int((arr == 1).sum()), "cochlea_voxels": int((arr == 2).sum()), **report})
+    with cio.folder_lock(out_dir, f"crossmoda predict {in_dir}"):
+        # Predictions made by other models (retrained, another bundle) are stale: recompute them all.
+        stamp = json.dumps({"bundle": payload, "checkpoints": _checkpoint_stamps(models_dir, payload)}, sort_keys=True)
+        stamp_path = out_dir / "models_used.json"
+        record_path = out_dir / PREDICTIONS_RECORD
+        if stamp_path.exists() and stamp_path.read_text() != stamp:
+            overwrite = True
+        made = {} if overwrite or not record_path.exists() else json.loads(record_path.read_text())
+        cio.write_text_atomic(stamp_path, stamp)
+        for path in tqdm(paths, desc="08 inference", disable=not progress):
+            target = out_dir / label_name(path.name)
+            source = {"image": path.name, "sha256": file_sha256(path)}
+            # Kept only when it is the label of this very input (same name, same bytes) by these models.
+            if target.exists() and made.get(target.name) == source:
+                rows.append({"image": path.name, "label": target.name, "seconds": 0.0, "status": "kept"})
+                continue
+            t0 = time.perf_counter()
+            original = sitk.ReadImage(str(path))
+            report: dict = {}
+            (label,) = segment(original, bundle.vs, bundle.cochlea, bundle.preprocess, keep_largest_vs=bundle.keep_largest_vs, cochlea_components=bundle.cochlea_components, report=report)
+            cio.write_image(label, target)
+            made[target.name] = source
+            cio.write_text_atomic(record_path, json.dumps(made, indent=1, sort_keys=True) + "\n")
+            arr = sitk.GetArrayViewFromImage(label)
+            rows.append({"image": path.name, "label": target.name, "seconds": round(time.perf_counter() - t0, 2), "status": "written", "vs_voxels": int((arr == 1).sum()), "cochlea_voxels": int((arr == 2).sum()), **report})
     return rows

@@ -30,9 +30,11 @@ import numpy as np
 import SimpleITK as sitk
 
 #: Name pattern of crossMoDA 2022 files (DESIGN.md section 3.1).
-NAME_PATTERN = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_(\d+)_(ceT1|hrT2|Label)\.nii\.gz$")
+NAME_PATTERN = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_([0-9]+)_(ceT1|hrT2|Label)\.nii\.gz$")
+#: The same with any Unicode digits (``\d``), to name a case number written in other digits.
+_ANY_DIGITS = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_(\d+)_(ceT1|hrT2|Label)\.nii\.gz$")
 #: Ground-truth labels of hrT2 volumes (synthetic cohort, or any truth folder).
-TRUTH_PATTERN = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_(\d+)_hrT2_Label\.nii\.gz$")
+TRUTH_PATTERN = re.compile(r"^crossmoda(2021|2022)_(ldn|etz)_([0-9]+)_hrT2_Label\.nii\.gz$")
 #: Splits of the 2022 layout and the modality each holds.
 SPLITS: dict[str, str] = {
     "training_source": "ceT1",
@@ -413,6 +415,8 @@ def validate_dataset(root: Path | str, *, check_truth: bool = True) -> Validatio
         report.add(root, "data folder does not exist")
         return report
     hrt2_images: dict[str, sitk.Image] = {}
+    split_of: dict[str, str] = {}  # case -> the split it was first seen in
+    numbered: dict[tuple[str, str, int], str] = {}  # (year, centre, number) -> case as written
     for split, modality in SPLITS.items():
         folder = root / split
         if not folder.is_dir():
@@ -429,7 +433,10 @@ def validate_dataset(root: Path | str, *, check_truth: bool = True) -> Validatio
             path = folder / name
             parsed = parse_case_name(name)
             if parsed is None:
-                report.add(path, "name does not match crossmoda(2021|2022)_(ldn|etz)_<n>_(ceT1|hrT2|Label).nii.gz")
+                if _ANY_DIGITS.match(name):
+                    report.add(path, "the case number has non-ASCII digits; write it with 0-9")
+                else:
+                    report.add(path, "name does not match crossmoda(2021|2022)_(ldn|etz)_<n>_(ceT1|hrT2|Label).nii.gz")
                 continue
             case, centre_code, kind = parsed
             if kind == "Label":
@@ -440,6 +447,13 @@ def validate_dataset(root: Path | str, *, check_truth: bool = True) -> Validatio
                 continue
             if kind != modality:
                 report.add(path, f"{kind} file in {split}/ (expected {modality})")
+                continue
+            if split_of.setdefault(case, split) != split:
+                report.add(path, f"case {case} is also in {split_of[case]}/: one case in two splits would be trained on and scored (a leak)")
+                continue
+            year_centre_number = (case[9:13], centre_code, int(case.rsplit("_", 1)[1]))
+            if numbered.setdefault(year_centre_number, case) != case:
+                report.add(path, f"case {case} and {numbered[year_centre_number]} are the same number written two ways (leading zeros); keep one spelling")
                 continue
             image, probs = check_image_file(path)
             report.problems.extend(probs)
@@ -533,27 +547,185 @@ def _check_infos(report: ValidationReport, root: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+class WriteError(OSError):
+    """An output could not be written whole (a full disk, a file-size limit, a failed rename); the
+    message names the file. Nothing is left in its place: the previous file, if any, is untouched."""
+
+
+#: Temporary siblings of outputs being written (``.<name>.<random>.partial<suffix>``) and of
+#: folders being built (``.<name>.partial-<random>``): left only by a killed process, never read.
+PARTIAL_GLOBS = (".*.partial*",)
+
+
 def _temp_sibling(path: Path, suffix: str) -> Path:
+    # What a killed writer of this same file left (a SIGTERM or SIGKILL skips the cleanup below):
+    # the new write replaces it, so partial files do not pile up across reruns.
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.partial{glob_escape(suffix)}"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
     os.close(fd)
     return Path(tmp)
 
 
+def glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters made literal."""
+    import glob
+
+    return glob.escape(text)
+
+
+class FolderLocked(DataError):
+    """Another process works in the folder; the message names it (pid, command, since when)."""
+
+
+class folder_lock:
+    """Hold ``<folder>/.lock`` exclusively while a run works in ``folder`` (``with folder_lock(out):``).
+
+    A second run on the same folder is refused at once with a message that names the holder, rather
+    than both doing all the work while one deletes what the other reads. The lock is the kernel's
+    (``flock``): it ends with its holder however the holder ends, SIGKILL included, so a killed run
+    never leaves a lock behind. Processes the holder starts do not hold it.
+    """
+
+    def __init__(self, folder: Path | str, what: str = "a run") -> None:
+        self.folder, self.what, self.fh = Path(folder), what, None
+
+    def __enter__(self) -> "folder_lock":
+        import fcntl
+        import json as _json
+        import sys
+        import time as _time
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DataError(f"{self.folder}: is a file; the output must be a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "{}"
+            fh.close()
+            try:
+                info = _json.loads(holder)
+            except ValueError:
+                info = {}
+            raise FolderLocked(
+                f"{self.folder}: another process works in this folder (pid {info.get('pid', '?')}, "
+                f"{info.get('what', 'a run')}, since {info.get('since', '?')}: {info.get('command', '?')}); "
+                "wait for it to end, or stop it, then run again"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(_json.dumps({"pid": os.getpid(), "what": self.what, "since": _time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}) + "\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.fh.close()  # releases the flock
+            self.fh = None
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path | str, *, folder: bool = False) -> None:
+    """Give a file made by :func:`tempfile.mkstemp` (always 0600) or a folder made by
+    :func:`tempfile.mkdtemp` (0700) the mode an ordinary ``open``/``mkdir`` would have given it."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
+def remove_partials(folder: Path | str) -> list[Path]:
+    """Delete what killed writers left under ``folder`` (recursively): temporary files and folders
+    matching :data:`PARTIAL_GLOBS`. Call it only where no other writer works (a run holds the
+    folder's lock, :func:`crossmoda_lib.runs.output_lock`). Returns what was removed."""
+    import shutil
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for pattern in PARTIAL_GLOBS:
+        for path in sorted(folder.rglob(pattern), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename a verified temporary file into place with the umask's mode."""
+    apply_umask(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(f"{path}: could not move the written file into place ({exc})") from exc
+
+
+def _squeezed(size: tuple[int, ...]) -> tuple[int, ...]:
+    """A size without trailing singleton axes past the third (ITK reads x*y*z*1 back as x*y*z)."""
+    size = tuple(size)
+    while len(size) > 3 and size[-1] == 1:
+        size = size[:-1]
+    return size
+
+
+def _verify_image(tmp: Path, path: Path, image: sitk.Image) -> None:
+    """Read back what was written: SimpleITK reports a short write (a full disk) on stderr and does
+    not raise, which would leave an empty or truncated NIfTI that looks finished."""
+    problem = None
+    try:
+        back = sitk.ReadImage(str(tmp)) if tmp.stat().st_size else None
+        if back is None:
+            problem = "0 bytes written"
+        elif _squeezed(back.GetSize()) != _squeezed(image.GetSize()) or back.GetPixelID() != image.GetPixelID():
+            problem = f"read back as {back.GetSize()} {back.GetPixelIDTypeAsString()}, not {image.GetSize()} {image.GetPixelIDTypeAsString()}"
+        else:
+            ours, theirs = sitk.GetArrayViewFromImage(image).ravel(), sitk.GetArrayViewFromImage(back).ravel()
+            if np.issubdtype(ours.dtype, np.floating):  # ITK reads NaN back as 0 (tests/test_io.py)
+                finite = np.isfinite(ours)
+                ours, theirs = ours[finite], theirs[finite]
+            if not np.array_equal(ours, theirs):
+                problem = "voxels read back differ from those written"
+    except (RuntimeError, OSError) as exc:
+        problem = f"cannot be read back ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})"
+    if problem:
+        raise WriteError(f"{path}: writing failed: {problem}; is the disk full? Nothing was written in its place")
+
+
 def write_image(image: sitk.Image, path: Path | str, *, compress: bool = True) -> Path:
-    """Write an image atomically (temporary file in the same folder, then rename).
+    """Write an image atomically (temporary file in the same folder, read back, then rename).
 
     Args:
         image: the image.
         path: destination (``.nii.gz`` or ``.nii``); parent folders are created.
         compress: gzip the data (byte-identical output for identical input).
+
+    Raises:
+        WriteError: the file could not be written whole (checked by reading it back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     tmp = _temp_sibling(path, suffix)
     try:
-        sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+        except RuntimeError as exc:
+            raise WriteError(f"{path}: writing failed ({str(exc).strip().splitlines()[-1]})") from exc
+        _verify_image(tmp, path, image)
+        _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -580,37 +752,87 @@ def write_scaled_nifti(image: sitk.Image, path: Path | str, slope: float, inter:
         raw = bytearray(raw_tmp.read_bytes())
     finally:
         raw_tmp.unlink(missing_ok=True)
+    expected = 352 + image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
+    if len(raw) < expected:  # SimpleITK reports a short write on stderr only
+        raise WriteError(f"{path}: writing failed: {len(raw)} of {expected} bytes written; is the disk full? Nothing was written in its place")
     raw[112:120] = struct.pack("<2f", slope, inter)
     write_bytes_atomic(path, gzip.compress(bytes(raw), compresslevel=6, mtime=0))
     return path
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    """Write bytes atomically (temporary sibling file, then rename)."""
+    """Write bytes atomically (temporary sibling file, size checked, then rename).
+
+    Raises:
+        WriteError: the bytes could not all be written (a full disk); nothing is left in their place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, path.suffix)
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise WriteError(f"{path}: writing failed ({exc.strerror or exc}); is the disk full? Nothing was written in its place") from exc
+        if tmp.stat().st_size != len(data):
+            raise WriteError(f"{path}: writing failed: {tmp.stat().st_size} of {len(data)} bytes written")
+        _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
 def save_torch_atomic(path: Path | str, payload: object) -> Path:
-    """``torch.save`` atomically (temporary sibling, then rename): checkpoints are never half written."""
+    """``torch.save`` atomically (temporary sibling, archive verified, then rename): checkpoints are
+    never half written.
+
+    Raises:
+        WriteError: the checkpoint could not be written whole; the previous one is untouched.
+    """
+    import zipfile
+
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, path.suffix)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            with zipfile.ZipFile(tmp) as archive:  # torch's format: every member's CRC is checked
+                bad = archive.testzip()
+        except (OSError, RuntimeError, zipfile.BadZipFile) as exc:
+            raise WriteError(f"{path}: writing the checkpoint failed ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}); is the disk full? The previous checkpoint is untouched") from exc
+        if bad is not None:
+            raise WriteError(f"{path}: the checkpoint was written corrupt (member {bad}); the previous one is untouched")
+        _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """``torch.load`` of a checkpoint this project wrote (on the CPU), with an error that names the file.
+
+    Raises:
+        DataError: the file is missing, truncated or not a checkpoint.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable checkpoint ({reason}); it is truncated or was not written by this project. Delete it (its stage retrains) or restore it") from exc
 
 
 def write_text_atomic(path: Path | str, text: str) -> Path:

@@ -162,6 +162,9 @@ def evaluate_folders(pred_dir: Path | str, truth_dir: Path | str, cases: list[st
         truths = {c: truths[c] for c in sorted(cases)}
     if not truths:
         raise cio.DataError(f"{truth_dir}: no ground-truth labels (*.nii.gz)")
+    nameless = [truths[c].name for c in truths if not any(f"_{code}_" in c for code in cio.CENTRES)]
+    if nameless:  # scores are reported per centre, read from the name
+        raise cio.DataError(f"{truth_dir}: {len(nameless)} label(s) without a centre in the name (_ldn_ or _etz_, as crossmoda2022_ldn_211_Label.nii.gz), e.g. {nameless[0]}")
     missing = sorted(set(truths) - set(preds))
     if missing:
         raise cio.DataError(f"{pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing)}")

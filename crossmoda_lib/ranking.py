@@ -37,10 +37,21 @@ def read_scores(path: Path | str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise cio.DataError(f"{path}: scores file not found")
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise cio.DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from exc
     missing = [c for c in ("Case", "Team", *METRICS) if c not in table.columns]
     if missing:
         raise cio.DataError(f"{path}: lacks column(s) {missing}")
+    if table.empty:
+        raise cio.DataError(f"{path}: no rows of scores")
+    for column in METRICS:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna() & table[column].notna()
+        if bad.any():
+            raise cio.DataError(f"{path}: column {column} has non-numeric value(s), e.g. {table.loc[bad, column].iloc[0]!r} in row {int(bad.idxmax()) + 2}")
+        table[column] = values
     bad = table[list(METRICS)].isna().any(axis=1)
     if bad.any():
         raise cio.DataError(f"{path}: missing metric values for {int(bad.sum())} row(s), e.g. {table.loc[bad, 'Case'].iloc[0]} of {table.loc[bad, 'Team'].iloc[0]}")

@@ -63,6 +63,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     Raises:
         ProfileError: bad profile (before anything runs).
         DataError: the data folder is unusable (before anything runs).
+        FolderLocked: another run works in the output folder (it is named).
         NotebookFailed: a notebook failed (later notebooks are not run).
     """
     import papermill
@@ -88,55 +89,59 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
     if kernel_note:
         print(kernel_note)
     out_root = config.resolve_path(common["output_dir"], root)
-    data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"], common["synth_test_cases_per_centre"])
-    report = cio.validate_dataset(data_dir)
-    report.raise_if_errors()
-    executed = out_root / "executed"
-    executed.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "profile": common["profile"],
-        "profile_file": str(profile_path),
-        "parameters": {"common": common, "notebooks": profile["notebooks"]},
-        "seed": common["seed"],
-        "data_dir": str(data_dir),
-        "versions": config.versions(),
-        "machine": {**config.machine(), **kernel_env, **devices.describe(device)},
-        "git_commit": config.git_commit(root),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "notebooks": [],
-    }
-    # The notebooks run the pinned kernels, whatever this process computes with.
-    manifest["machine"]["cpu_kernels"] = kernels_label(common["cpu_kernels"])
-    if kernel_env:
-        manifest["machine"]["torch_cpu_capability"] = kernel_env["ATEN_CPU_CAPABILITY"].upper()
-    manifest_path = out_root / "run_manifest.json"
-    earlier = _earlier_entries(manifest_path, common["profile"], {nb.name for nb, _ in plan})
-    reused = _reuse_stages(profile, full_plan, out_root, root)
-    manifest["reused"] = reused
-    plan = [(nb, params) for nb, params in plan if nb.stem not in reused]
+    # One run at a time in an output folder (a second is refused, naming the first), and what a
+    # killed run left half-written there is cleared before anything reads the folder.
+    with cio.folder_lock(out_root, f"crossmoda run {profile_path}"):
+        cio.remove_partials(out_root)
+        data_dir = config.prepare_data(common["data_source"], common["data_dir"], common["seed"], common["synth_cases_per_centre"], common["synth_fov"], common["synth_test_cases_per_centre"])
+        report = cio.validate_dataset(data_dir)
+        report.raise_if_errors()
+        executed = out_root / "executed"
+        executed.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "profile": common["profile"],
+            "profile_file": str(profile_path),
+            "parameters": {"common": common, "notebooks": profile["notebooks"]},
+            "seed": common["seed"],
+            "data_dir": str(data_dir),
+            "versions": config.versions(),
+            "machine": {**config.machine(), **kernel_env, **devices.describe(device)},
+            "git_commit": config.git_commit(root),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "notebooks": [],
+        }
+        # The notebooks run the pinned kernels, whatever this process computes with.
+        manifest["machine"]["cpu_kernels"] = kernels_label(common["cpu_kernels"])
+        if kernel_env:
+            manifest["machine"]["torch_cpu_capability"] = kernel_env["ATEN_CPU_CAPABILITY"].upper()
+        manifest_path = out_root / "run_manifest.json"
+        earlier = _earlier_entries(manifest_path, common["profile"], {nb.name for nb, _ in plan})
+        reused = _reuse_stages(profile, full_plan, out_root, root)
+        manifest["reused"] = reused
+        plan = [(nb, params) for nb, params in plan if nb.stem not in reused]
 
-    def save() -> None:
-        entries = sorted(earlier + manifest["notebooks"], key=lambda e: e["notebook"])
-        cio.write_text_atomic(manifest_path, json.dumps({**manifest, "notebooks": entries}, indent=2, default=str) + "\n")
+        def save() -> None:
+            entries = sorted(earlier + manifest["notebooks"], key=lambda e: e["notebook"])
+            cio.write_text_atomic(manifest_path, json.dumps({**manifest, "notebooks": entries}, indent=2, default=str) + "\n")
 
-    for nb, params in plan:
-        target = executed / nb.name
-        t0 = time.perf_counter()
-        entry = {"notebook": f"notebooks/{nb.name}", "executed": str(target), "parameters": params}
-        try:
-            with devices.pinned_cpu_kernels(common["cpu_kernels"]):  # the kernel and its workers inherit them
-                papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent), progress_bar=progress)
-        except papermill.PapermillExecutionError as exc:
-            entry.update(status="failed", wall_s=round(time.perf_counter() - t0, 2), error=f"{exc.ename}: {exc.evalue}")
+        for nb, params in plan:
+            target = executed / nb.name
+            t0 = time.perf_counter()
+            entry = {"notebook": f"notebooks/{nb.name}", "executed": str(target), "parameters": params}
+            try:
+                with devices.pinned_cpu_kernels(common["cpu_kernels"]):  # the kernel and its workers inherit them
+                    papermill.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent), progress_bar=progress)
+            except papermill.PapermillExecutionError as exc:
+                entry.update(status="failed", wall_s=round(time.perf_counter() - t0, 2), error=f"{exc.ename}: {exc.evalue}")
+                manifest["notebooks"].append(entry)
+                save()
+                raise NotebookFailed(f"notebooks/{nb.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n  executed copy: {target}") from exc
+            entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 2))
             manifest["notebooks"].append(entry)
             save()
-            raise NotebookFailed(f"notebooks/{nb.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n  executed copy: {target}") from exc
-        entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 2))
-        manifest["notebooks"].append(entry)
+        manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         save()
-    manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    save()
-    return manifest
+        return manifest
 
 
 #: Output folder of each notebook (the stage folder a later run may reuse).

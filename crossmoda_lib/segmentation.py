@@ -387,7 +387,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     if init_from is not None:
         key["init_from"] = str(init_from)
     if ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = cio.load_checkpoint(ckpt_path)
         # A checkpoint written before a setting existed holds that setting's default.
         saved_key = {**saved["key"], "config": {**SegConfig().as_dict(), **saved["key"]["config"]}}
         if saved_key != key:
@@ -475,7 +475,7 @@ def check_warm_start(teacher: SegConfig, student: SegConfig, where: Path | str) 
 
 def load_model(model_dir: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, SegConfig]:
     """A finished model (eval mode, on ``device``) and its settings."""
-    saved = torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    saved = cio.load_checkpoint(Path(model_dir) / "checkpoint.pt")
     if not saved["finished"]:
         raise ValueError(f"{model_dir}: training has not finished (epoch {saved['epoch']}); run it again to resume")
     cfg = SegConfig.from_dict(saved["key"]["config"])
@@ -683,6 +683,7 @@ def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
 
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
+    devices.die_with_parent()
 
 
 def _epochs_done(out_dir: Path) -> int:

@@ -392,7 +392,7 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
     for n in tqdm(range(pyramid.n_scales), desc="04 SinGAN", disable=not progress):
         ckpt = out_dir / f"scale_{n:02d}.pt"
         if ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+            saved = cio.load_checkpoint(ckpt)
             if saved["key"] != key:
                 raise ValueError(f"{ckpt}: made with other settings or another image; delete {out_dir} or use another folder")
             net_g = Generator(nfc_at(n, cfg), cfg)

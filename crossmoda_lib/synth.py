@@ -671,7 +671,10 @@ def generate_cohort(
     if test_cases_per_centre:
         sizes["test"] = test_cases_per_centre
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed generation of this folder
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    cio.apply_umask(tmp, folder=True)
     jobs = []
     for centre in ("ldn", "etz"):
         for split, n in sizes.items():

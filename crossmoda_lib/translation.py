@@ -472,7 +472,7 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
     state = TrainState()
     data_key = [list(slices_a.shape), list(slices_b.shape)]
     if ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = cio.load_checkpoint(ckpt_path)
         if saved["config"] != cfg.as_dict() or saved["data_shapes"] != data_key:
             raise ValueError(f"{ckpt_path}: checkpoint was made with other settings or data; delete it or use another output folder")
         nets.load_state_dict(saved["nets"])
@@ -552,7 +552,7 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
 
 def load_generators(ckpt_path: Path | str, device: str | torch.device = "cpu") -> tuple[ResnetGenerator, ResnetGenerator, CycleGANConfig]:
     """The two generators (ceT1 -> hrT2, hrT2 -> ceT1) of a finished checkpoint, in eval mode, on ``device``."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    saved = cio.load_checkpoint(ckpt_path)
     if not saved["state"].finished:
         raise ValueError(f"{ckpt_path}: training has not finished (iteration {saved['state'].iteration}); run 02 again to resume")
     cfg = CycleGANConfig.from_dict(saved["config"])
