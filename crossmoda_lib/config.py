@@ -58,16 +58,7 @@ def load_profile(path: Path | str) -> dict[str, Any]:
         ProfileError: missing file, bad YAML, missing or unknown common keys, bad values.
     """
     path = Path(path)
-    data = _read_yaml(path)
-    if isinstance(data, dict) and "extends" in data:
-        base = _read_yaml(path.parent / data.pop("extends"))
-        merged = {**base, **{k: v for k, v in data.items() if k not in ("common", "notebooks")}}
-        merged["common"] = {**(base.get("common") or {}), **(data.get("common") or {})}
-        notebooks = {k: dict(v) for k, v in (base.get("notebooks") or {}).items()}
-        for name, section in (data.get("notebooks") or {}).items():
-            notebooks[name] = {**notebooks.get(name, {}), **section}
-        merged["notebooks"] = notebooks
-        data = merged
+    data = _resolve_extends(path, [])
     if not isinstance(data, dict) or not isinstance(data.get("common"), dict):
         raise ProfileError(f"{path}: expected a mapping with a 'common' section")
     common = data["common"]
@@ -80,7 +71,11 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     if common["data_source"] not in DATA_SOURCES:
         raise ProfileError(f"{path}: common.data_source must be one of {DATA_SOURCES}, not {common['data_source']!r}")
     common = {**OPTIONAL_COMMON, **common}
-    from crossmoda_lib import devices
+    from crossmoda_lib import devices, schema
+
+    problems = schema.check_common(common)
+    if problems:
+        raise ProfileError(f"{path}: " + "; ".join(problems))
 
     try:
         devices.parse(common["device"])
@@ -89,8 +84,12 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     if common["cpu_kernels"] not in devices.CPU_KERNEL_CHOICES:
         raise ProfileError(f"{path}: common.cpu_kernels must be one of {devices.CPU_KERNEL_CHOICES}, not {common['cpu_kernels']!r}")
     notebooks = data.get("notebooks") or {}
-    if not isinstance(notebooks, dict) or not all(isinstance(v, dict) for v in notebooks.values()):
+    if not isinstance(notebooks, dict):
         raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")
+    notebooks = {name: section or {} for name, section in notebooks.items()}  # an empty section: no changes
+    bad = [name for name, section in notebooks.items() if not isinstance(section, dict)]
+    if bad:
+        raise ProfileError(f"{path}: notebooks.{bad[0]} must be a mapping of keys to values, not {notebooks[bad[0]]!r}")
     extra = sorted(set(data) - {"common", "notebooks", "reuse"})
     if extra:
         raise ProfileError(f"{path}: unknown top-level key(s) {extra}; known: common, notebooks, extends, reuse")
@@ -98,6 +97,36 @@ def load_profile(path: Path | str) -> dict[str, Any]:
     if reuse is not None and (not isinstance(reuse, dict) or "from" not in reuse or not isinstance(reuse.get("notebooks"), list)):
         raise ProfileError(f"{path}: reuse must be a mapping with 'from' (an output folder) and 'notebooks' (a list)")
     return {"path": str(path), "common": common, "notebooks": {k: dict(v) for k, v in notebooks.items()}, "reuse": reuse}
+
+
+def _resolve_extends(path: Path, chain: list[Path]) -> Any:
+    """A profile file with the files it extends merged in, at any depth (each ``extends`` is
+    relative to the file that names it); a loop is refused, naming the files in it."""
+    here = path.resolve()
+    if here in chain:
+        loop = " -> ".join(str(p) for p in [*chain[chain.index(here):], here])
+        raise ProfileError(f"{chain[0]}: 'extends' loops: {loop}")
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ProfileError(f"{path}: extends must name a profile file, not {parent!r}")
+    for section in ("common", "notebooks"):
+        if section in data and data[section] is not None and not isinstance(data[section], dict):
+            raise ProfileError(f"{path}: '{section}' must be a mapping, not {data[section]!r}")
+    base = _resolve_extends(path.parent / parent, [*chain, here])
+    if not isinstance(base, dict):
+        raise ProfileError(f"{path.parent / parent}: expected a mapping (extended by {path})")
+    merged = {**base, **{k: v for k, v in data.items() if k not in ("common", "notebooks")}}
+    merged["common"] = {**(base.get("common") or {}), **(data.get("common") or {})}
+    notebooks = {k: dict(v or {}) for k, v in (base.get("notebooks") or {}).items()}
+    for name, section in (data.get("notebooks") or {}).items():
+        if section is not None and not isinstance(section, dict):
+            raise ProfileError(f"{path}: notebooks.{name} must be a mapping of keys to values, not {section!r}")
+        notebooks[name] = {**notebooks.get(name, {}), **(section or {})}
+    merged["notebooks"] = notebooks
+    return merged
 
 
 def _read_yaml(path: Path) -> Any:
@@ -119,12 +148,18 @@ def notebook_parameters(profile: dict[str, Any], notebook: str, declared: dict[s
             ``inspect_notebook``.
 
     Raises:
-        ProfileError: the profile's section for this notebook has a key the notebook does not declare.
+        ProfileError: the profile's section for this notebook has a key the notebook does not declare,
+            or a value of another type or out of range (:mod:`crossmoda_lib.schema`).
     """
     section = profile["notebooks"].get(notebook, {})
     unknown = sorted(set(section) - set(declared))
     if unknown:
         raise ProfileError(f"{profile['path']}: notebooks.{notebook} has key(s) {unknown} that notebooks/{notebook}.ipynb does not declare")
+    from crossmoda_lib import schema
+
+    problems = schema.check_notebook(notebook, section, declared)
+    if problems:
+        raise ProfileError(f"{profile['path']}: " + "; ".join(problems))
     params = {k: v for k, v in profile["common"].items() if k in declared}
     params.update(section)
     return params
@@ -144,7 +179,9 @@ def prepare_data(data_source: str, data_dir: Path | str, seed: int, synth_cases_
 
     path = resolve_path(data_dir)
     if data_source == "synthetic":
-        synth.ensure_cohort(path, seed=seed, cases_per_centre=synth_cases_per_centre, fov=synth_fov, test_cases_per_centre=synth_test_cases_per_centre)
+        # Two runs that share a data folder (other output folders) generate it once: the second waits.
+        with cio.folder_lock(path.parent, f"generating {path}", name=f".{path.name}.lock", wait=True):
+            synth.ensure_cohort(path, seed=seed, cases_per_centre=synth_cases_per_centre, fov=synth_fov, test_cases_per_centre=synth_test_cases_per_centre)
     elif not path.is_dir() or not any(path.iterdir()):
         raise cio.DataError(
             f"{path}: real data folder is missing or empty. Download the crossMoDA 2022 data and set "

@@ -160,7 +160,7 @@ def pinned_cpu_kernels(choice: str) -> Iterator[dict[str, str]]:
                 os.environ[key] = value
 
 
-def die_with_parent(poll_s: float = 1.0) -> None:
+def die_with_parent(poll_s: float = 1.0, parent: int | None = None) -> None:
     """End this process as soon as the process that started it ends, however that one ends.
 
     The training workers of stages 06-07 (spawned by the notebook's kernel, which Jupyter's own parent
@@ -168,6 +168,7 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     training on and writing checkpoints into the output folder under a rerun. On Linux the kernel
     delivers SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); everywhere a watcher thread also
     checks every ``poll_s`` seconds that the parent is still the one that started this process.
+    ``parent``: that process's pid (default: the multiprocessing parent, else the current parent).
     """
     import os
     import signal
@@ -175,7 +176,11 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     import threading
     import time
 
-    parent = os.getppid()
+    if parent is None:  # a multiprocessing child knows its parent even if that one is already gone
+        import multiprocessing
+
+        known = multiprocessing.parent_process()
+        parent = known.pid if known is not None and known.pid else os.getppid()
     if sys.platform.startswith("linux"):
         try:
             import ctypes

@@ -584,11 +584,13 @@ class folder_lock:
     A second run on the same folder is refused at once with a message that names the holder, rather
     than both doing all the work while one deletes what the other reads. The lock is the kernel's
     (``flock``): it ends with its holder however the holder ends, SIGKILL included, so a killed run
-    never leaves a lock behind. Processes the holder starts do not hold it.
+    never leaves a lock behind. Processes the holder starts do not hold it. ``name``: the lock file
+    (in ``folder``); ``wait``: wait for the holder to finish instead of refusing (for short work,
+    such as generating a data folder that two runs share).
     """
 
-    def __init__(self, folder: Path | str, what: str = "a run") -> None:
-        self.folder, self.what, self.fh = Path(folder), what, None
+    def __init__(self, folder: Path | str, what: str = "a run", *, name: str = ".lock", wait: bool = False) -> None:
+        self.folder, self.what, self.name, self.wait, self.fh = Path(folder), what, name, wait, None
 
     def __enter__(self) -> "folder_lock":
         import fcntl
@@ -599,10 +601,10 @@ class folder_lock:
         if self.folder.exists() and not self.folder.is_dir():
             raise DataError(f"{self.folder}: is a file; the output must be a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / ".lock"
+        path = self.folder / self.name
         fh = open(path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "{}"

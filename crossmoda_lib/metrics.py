@@ -181,6 +181,51 @@ def evaluate_folders(pred_dir: Path | str, truth_dir: Path | str, cases: list[st
     return table[OFFICIAL_COLUMNS + rest]
 
 
+def has_truth(truth_dir: Path | str, cases: list[str]) -> bool:
+    """Whether ``truth_dir`` holds a ground truth for every one of ``cases`` (the synthetic cohort's
+    ``synthetic_truth/``, or a user's own labels). The crossMoDA validation and test labels are
+    not public: on the real data there is none, and stage 09 reports predicted volumes only."""
+    truth_dir = Path(truth_dir)
+    if not truth_dir.is_dir() or not cases:
+        return False
+    found = {case_of(p.name) for p in truth_dir.glob("*.nii.gz")}
+    return set(cases) <= found
+
+
+def prediction_volumes(pred_dir: Path | str, cases: list[str]) -> pd.DataFrame:
+    """What can be said of predictions without ground truth: per case, the predicted VS and cochlea
+    volumes in mm3 and their connected components (a VS in two pieces, or more than two cochleae,
+    is worth a look).
+
+    Raises:
+        DataError: a case has no prediction, or a prediction is not a valid label file.
+    """
+    from scipy import ndimage
+
+    pred_dir = Path(pred_dir)
+    rows, problems = [], []
+    for case in cases:
+        path = pred_dir / f"{case}_Label.nii.gz"
+        if not path.is_file():
+            problems.append(f"{path}: no prediction for {case}")
+            continue
+        image, found = cio.check_image_file(path, is_label=True)
+        problems += [str(p) for p in found if p.fatal]
+        if image is None:
+            continue
+        arr = sitk.GetArrayViewFromImage(image)
+        voxel_mm3 = float(np.prod(image.GetSpacing()))
+        row: dict = {"Case": case, "Centre": cio.centre_of(case)}
+        for name, value in STRUCTURES.items():
+            mask = arr == value
+            row[f"{name}_predicted_mm3"] = float(mask.sum()) * voxel_mm3
+            row[f"{name}_components"] = int(ndimage.label(mask)[1])
+        rows.append(row)
+    if problems:
+        raise cio.DataError("; ".join(problems))
+    return pd.DataFrame(rows)
+
+
 def summary_table(scores: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Mean, std, median and IQR of each metric (per group of ``by``), counting scorable cases only."""
     metrics = [c for c in scores.columns if c.split("_")[-1] in ("Dice", "ASSD", "HD95")]

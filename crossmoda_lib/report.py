@@ -81,6 +81,22 @@ def score_plot(scores: pd.DataFrame, split: str = "validation") -> plt.Figure:
     return fig
 
 
+def volume_plot(volumes: pd.DataFrame, split: str = "validation") -> plt.Figure:
+    """Strip plots of the predicted VS and cochlea volumes (mm3) per centre: the figure a run without
+    ground truth can draw (:func:`crossmoda_lib.metrics.prediction_volumes`)."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for ax, structure in zip(axes, ("VS", "Cochlea")):
+        sns.stripplot(data=volumes, x="Centre", y=f"{structure}_predicted_mm3", hue="Centre", ax=ax, palette="dark", size=5, legend=False)
+        ax.set_ylabel(f"predicted {structure} (mm3)")
+        ax.set_xlabel("")
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"{split}: predicted volumes per centre (no ground truth, no scores)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def ablation_table(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Mean Dice and ASSD of each run, per centre and overall (rows: run; columns: centre x metric)."""
     rows = []

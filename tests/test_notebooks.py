@@ -284,6 +284,45 @@ def test_smoke_09_outputs_rebuild_from_csv(smoke_run, tmp_path):
 
 
 @pytest.mark.notebook
+def test_09_without_ground_truth_reports_predicted_volumes_and_exits_0(smoke_run, tmp_path):
+    """Real data: the crossMoDA validation and test labels are not public. 09 must end well, with
+    the predicted volumes, the figures that need no truth, and a clear note that no scores exist."""
+    from crossmoda_lib import metrics
+
+    tmp, _ = smoke_run
+    out = tmp_path / "outputs"
+    for stage in ("07_self_training", "08_inference"):
+        shutil.copytree(tmp / "outputs" / stage, out / stage)
+    (tmp_path / "no_truth").mkdir()
+    profile = yaml.safe_load(_smoke_profile(tmp_path).read_text())
+    profile["common"].update(data_dir=str(tmp / "data"), output_dir=str(out))
+    profile["notebooks"]["09_evaluation"]["truth_dir"] = str(tmp_path / "no_truth")
+    path = tmp_path / "no_truth.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    manifest = runs.run_profile(path, ["09_evaluation"], progress=False)
+    assert [n["status"] for n in manifest["notebooks"]] == ["ok"]
+    stage = out / "09_evaluation"
+    assert not (stage / "scores.csv").exists() and not (stage / "tables" / "table1.md").exists()
+    volumes = pd.read_csv(stage / "volumes.csv")
+    test_cases = sorted(p.name.removesuffix("_hrT2.nii.gz") for p in (tmp / "data" / "test").glob("*_hrT2.nii.gz"))
+    assert sorted(volumes.Case) == test_cases
+    # The volumes are those of the predictions, in mm3 (voxel count x voxel volume).
+    import SimpleITK as sitk
+
+    row = volumes.iloc[0]
+    label = sitk.ReadImage(str(out / "08_inference" / "predictions" / f"{row.Case}_Label.nii.gz"))
+    voxels = int((sitk.GetArrayViewFromImage(label) == 1).sum())
+    assert row.VS_predicted_mm3 == pytest.approx(voxels * np.prod(label.GetSpacing()))
+    assert (stage / "figures" / "predicted_volumes_by_centre.png").is_file() and (stage / "figures" / "figure4.png").is_file()
+    assert (stage / "tables" / "challenge_ranking.md").is_file(), "the ranking reproduction needs no truth"
+    saved = json.loads((stage / "manifest.json").read_text())
+    assert saved["scored"] is False and saved["truth"] is None
+    printed = "".join(o.get("text", "") for c in nbformat.read(out / "executed" / "09_evaluation.ipynb", as_version=4).cells if c.cell_type == "code" for o in c.outputs)
+    assert "NO SCORES" in printed
+    assert not metrics.has_truth(tmp_path / "no_truth", test_cases) and metrics.has_truth(tmp / "data" / "synthetic_truth", test_cases)
+
+
+@pytest.mark.notebook
 def test_two_smoke_runs_with_the_same_seed_give_identical_scores(smoke_run, tmp_path):
     tmp, _ = smoke_run
     runs.run_profile(_smoke_profile(tmp_path), progress=False)
@@ -404,3 +443,99 @@ def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(t
     record(tmp_path / "gone.yaml")
     assert runs.outdated_parameters(run) == {}  # the profile file is gone: nothing to compare with
     assert runs.outdated_parameters(tmp_path / "never_run") == {}
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _tensors(value, prefix: str = "") -> dict:
+    """Every tensor of a checkpoint payload, by its path in the payload."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _tensors(item, f"{prefix}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _tensors(item, f"{prefix}/{i}").items()}
+    return {}
+
+
+@pytest.mark.notebook
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_run_killed_in_02_and_interrupted_in_06_resumes_to_an_uninterrupted_runs_results(smoke_run, tmp_path):
+    """SIGKILL of `crossmoda run` during 02, then Ctrl-C (SIGINT to its process group) during 06: no
+    process of the run is left, and a rerun ends with the scores, predictions and weights of the
+    uninterrupted smoke run."""
+    tmp, _ = smoke_run
+    profile = _smoke_profile(tmp_path)
+    out = tmp_path / "outputs"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "crossmoda_lib", "run", str(profile), "--no-progress"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(proc: subprocess.Popen, how: str) -> None:
+        family = _descendants(proc.pid)
+        assert family, "the run has a kernel"
+        if how == "SIGKILL":
+            proc.kill()  # the run only, as `kill -9 <pid>` would: its kernel and workers must follow
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        proc.communicate(timeout=300)
+        assert proc.returncode != 0
+        _wait_for(lambda: not any(_alive(p) for p in family), 60, f"the processes of the run to end after {how}")
+
+    import signal
+
+    proc = start()
+    _wait_for(lambda: any((out / "02_cyclegan").rglob("checkpoint.pt")), 600, "a first 02 checkpoint")
+    # Meanwhile a second run on the same output folder is refused, naming the first.
+    with pytest.raises(cio.FolderLocked, match=rf"pid {proc.pid}, crossmoda run"):
+        runs.run_profile(profile, progress=False)
+    stop(proc, "SIGKILL")
+    assert not (out / "02_cyclegan" / "manifest.json").exists(), "killed during 02"
+    proc = start()
+    _wait_for(lambda: any((out / "06_segmentation").rglob("history.csv")), 900, "a first 06 epoch")
+    stop(proc, "SIGINT")
+    assert not (out / "06_segmentation" / "manifest.json").exists(), "interrupted during 06"
+    runs.run_profile(profile, progress=False)
+    ref = tmp / "outputs"
+    assert (out / "09_evaluation" / "scores.csv").read_bytes() == (ref / "09_evaluation" / "scores.csv").read_bytes()
+    ours = sorted(p.relative_to(out) for p in (out / "08_inference" / "predictions").glob("*_Label.nii.gz"))
+    assert ours and ours == sorted(p.relative_to(ref) for p in (ref / "08_inference" / "predictions").glob("*_Label.nii.gz"))
+    assert all((out / p).read_bytes() == (ref / p).read_bytes() for p in ours)
+    checkpoints = sorted(p.relative_to(out) for stage in ("02_cyclegan", "06_segmentation", "07_self_training") for p in (out / stage).rglob("checkpoint.pt"))
+    assert checkpoints
+    for rel in checkpoints:
+        mine, theirs = _tensors(cio.load_checkpoint(out / rel)), _tensors(cio.load_checkpoint(ref / rel))
+        assert mine.keys() == theirs.keys(), rel
+        assert all(mine[k].equal(theirs[k]) for k in mine), rel
+    assert not [p for p in out.rglob("*") if ".partial" in p.name], "no partial file survives the rerun"
