@@ -1,14 +1,19 @@
 """Stage 07: self-training on real hrT2 with pseudo-labels (papers/000 section 3).
 
-Round ``k`` (1 .. ``rounds``) under ``07_self_training/round_<k>/``:
+``rounds`` rounds of pseudo-labelling and retraining, then the final model: round ``k`` (1 ..
+``rounds + 1``) under ``07_self_training/round_<k>/``, the last being the final model (the paper:
+three rounds, "we repeat this self training stage iteratively two more times", then "the last
+segmentation model was trained for 1000 epochs using real hrT2 with the last best pseudo labels
+only": four trainings after stage 06; docs/interpretations.md):
 
 1. the teacher (round ``k-1``'s models; stage 06's for round 1) segments every real hrT2 of
    ``training_target`` (:func:`crossmoda_lib.inference.segment`, VS largest component kept, cochlea
    input clipped as the teacher was trained) into ``pseudo_labels/<case>_Label.nii.gz`` (1 VS,
    2 cochlea) on this round's training grid;
 2. new VS and cochlea ensembles train on the stage-06 training set plus the real hrT2 with their
-   pseudo-labels; real hrT2 is clipped at its 95th percentile for the cochlea (the paper);
-3. the last round trains on real hrT2 with the last pseudo-labels only, for ``final_epochs`` (1000
+   pseudo-labels; real hrT2 is clipped at its 95th percentile for the cochlea ("to also facilitate
+   the first cochlear segmentation stages": not in the final model unless ``cochlea_clip_final``);
+3. the last round (the final model) trains on real hrT2 with the last pseudo-labels only, for ``final_epochs`` (1000
    in the paper), and at ``final_spacing`` (0.4 x 0.4 x 1.0 mm in the paper: the same crop, finer).
 
 With ``synthetic_truth`` (the synthetic cohort), ``pseudo_label_dice.csv`` measures every round's
@@ -41,14 +46,19 @@ class SelfTrainingConfig:
     """Stage 07 settings (paper values by default).
 
     Attributes:
-        rounds: rounds of pseudo-labelling and retraining (paper 3); the last is the final model;
-            0 skips self-training (stage 06's models are final: the ``no_self_training`` ablation).
+        rounds: rounds of pseudo-labelling and retraining on the stage-06 set plus real hrT2,
+            before the final model (paper 3). 0: the final model learns from stage 06's
+            pseudo-labels directly.
+        self_training: False skips stage 07 (stage 06's models are final: the
+            ``no_self_training`` and ``source_only`` ablations).
         round_epochs: epochs of the intermediate rounds (paper: 500, as stage 06).
         final_epochs: epochs of the last round (paper 1000).
         final_spacing: (x, y, z) mm of the last round's grid, the same crop (paper 0.4 x 0.4 x 1.0).
         final_patch_size: (z, y, x) patch of the last round (None: stage 06's).
         folds: ensemble folds per round (paper 5).
         cochlea_clip_percentile: real hrT2 clipped at this percentile for the cochlea (paper 95).
+        cochlea_clip_final: the final cochlea model is clipped too (the paper: the clip is "to
+            facilitate the first cochlear segmentation stages", so False).
         cochlea_components: the cochlea pseudo-labels keep their this-many largest components (0:
             all, the paper; 2: one per ear, not in the paper), as ``compose_label``. The VS keeps
             its largest, as the paper does for every VS model.
@@ -60,22 +70,30 @@ class SelfTrainingConfig:
     """
 
     rounds: int = 3
+    self_training: bool = True
     round_epochs: int = 500
     final_epochs: int = 1000
     final_spacing: tuple[float, float, float] = (0.4, 0.4, 1.0)
     final_patch_size: tuple[int, int, int] | None = None
     folds: int = 5
     cochlea_clip_percentile: float | None = 95.0
+    cochlea_clip_final: bool = False
     cochlea_components: int = 0
     warm_start: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
-            raise ValueError(f"rounds must be 0 (no self-training: stage 06's models are final) or more, not {self.rounds}")
+            raise ValueError(f"rounds must be 0 (the final model straight from stage 06's pseudo-labels) or more, not {self.rounds}; self_training: false skips stage 07")
         seg.check_component_count(self.cochlea_components)
         if isinstance(self.warm_start, (str, bool)) or any(s not in seg.STRUCTURES for s in self.warm_start):
             raise ValueError(f"warm_start must list structures among {sorted(seg.STRUCTURES)} (empty: none), not {self.warm_start!r}")
         object.__setattr__(self, "warm_start", tuple(self.warm_start))
+
+
+    @property
+    def trained_rounds(self) -> int:
+        """Models trained in stage 07: the rounds and the final model (0 without self-training)."""
+        return self.rounds + 1 if self.self_training else 0
 
 
 def preprocess_settings(stage01: Path | str) -> pp.PreprocessConfig:
@@ -135,6 +153,15 @@ def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[
     return pairs, pd.DataFrame(rows)
 
 
+def clip_percentile(cfg: SelfTrainingConfig, structure: str, final: bool) -> float | None:
+    """The percentile at which a round's real hrT2 is clipped for ``structure``: the cochlea's, in
+    the rounds, and in the final model only with ``cochlea_clip_final`` (the paper: "to also
+    facilitate the first cochlear segmentation stages")."""
+    if structure != "cochlea" or (final and not cfg.cochlea_clip_final):
+        return None
+    return cfg.cochlea_clip_percentile
+
+
 def student_settings(base: dict, cfg: SelfTrainingConfig, spacing_xyz: tuple[float, float, float], final: bool) -> seg.SegConfig:
     """A round's settings for a structure: stage 06's (``base``, its model manifest), on the round's
     grid, for the round's epochs (and, in the final round, ``final_patch_size`` when given)."""
@@ -158,7 +185,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
             raise ValueError(f"{out}: this round was made with other self-training settings; delete {out.parent} (or use another output_dir) to redo it")
         return done
     t0 = time.perf_counter()
-    final = k == cfg.rounds
+    final = k == cfg.trained_rounds
     pre = preprocess_settings(stage01)
     spacing = tuple(cfg.final_spacing) if final else pre.spacing
     teacher = teacher_dirs(stage06, root, k)
@@ -171,7 +198,7 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     jobs = []
     for structure, base in bases.items():
         pairs = real_pairs if final else seg.manifest_pairs(base, real=False) + real_pairs
-        clip = cfg.cochlea_clip_percentile if structure == "cochlea" else None
+        clip = clip_percentile(cfg, structure, final)
         init = teacher[structure] if structure in cfg.warm_start else None
         jobs.append(seg.StructureJob(pairs, structure, settings[structure], cfg.folds, out / structure, clip, init))
     tables = seg.train_structures(jobs, workers=workers, progress=progress, device=device)
@@ -199,12 +226,12 @@ def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | st
     """
     root = Path(root)
     device = str(devices.resolve(device))  # checked before any round starts
-    manifests = [run_round(k, cfg, data_dir, stage01, stage06, root, workers=workers, progress=progress, device=device) for k in range(1, cfg.rounds + 1)]
-    tables = [pd.read_csv(round_dir(root, k) / "pseudo_label_dice.csv") for k in range(1, cfg.rounds + 1)]
+    manifests = [run_round(k, cfg, data_dir, stage01, stage06, root, workers=workers, progress=progress, device=device) for k in range(1, cfg.trained_rounds + 1)]
+    tables = [pd.read_csv(round_dir(root, k) / "pseudo_label_dice.csv") for k in range(1, cfg.trained_rounds + 1)]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case", "centre", "vs_mm3", "cochlea_mm3", "round"])
     cio.write_text_atomic(root / "dice_by_round.csv", table.to_csv(index=False))
-    final = round_dir(root, cfg.rounds) if cfg.rounds else Path(stage06)
-    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "final_models": {s: os.path.relpath(Path(final).resolve() / s, root.resolve()) for s in seg.STRUCTURES}, "settings": asdict(cfg), "round_wall_s": [m["wall_s"] for m in manifests]})
+    final = round_dir(root, cfg.trained_rounds) if cfg.trained_rounds else Path(stage06)
+    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "trained_rounds": cfg.trained_rounds, "final_models": {s: os.path.relpath(Path(final).resolve() / s, root.resolve()) for s in seg.STRUCTURES}, "settings": asdict(cfg), "round_wall_s": [m["wall_s"] for m in manifests]})
     return table
 
 
@@ -218,7 +245,7 @@ def final_models(root: Path | str) -> dict[str, Path]:
     return {s: Path(p) if Path(p).is_absolute() else (Path(root) / p).resolve() for s, p in json.loads(manifest_path.read_text())["final_models"].items()}
 
 
-def round_overlays(data_dir: Path | str, stage01: Path | str, root: Path | str, rounds: int, cases: list[str]) -> list[tuple[str, list[tuple[str, np.ndarray, np.ndarray | None]]]]:
+def round_overlays(data_dir: Path | str, stage01: Path | str, root: Path | str, trained_rounds: int, cases: list[str]) -> list[tuple[str, list[tuple[str, np.ndarray, np.ndarray | None]]]]:
     """For each case: ``(case, [(panel, hrT2 slice, label slice)])`` for the truth (when present) and
     every round's pseudo-label, on the stage-01 grid (finer grids are resampled onto it with nearest
     neighbour), at the slice with the largest true VS (else round 1's)."""
@@ -231,7 +258,7 @@ def round_overlays(data_dir: Path | str, stage01: Path | str, root: Path | str, 
         truth_file = cio.truth_label_path(data_dir, case)
         if truth_file.exists():
             labels.append(("truth", sitk.GetArrayFromImage(inf.resample_image(sitk.ReadImage(str(truth_file)), grid, label=True))))
-        for k in range(1, rounds + 1):
+        for k in range(1, trained_rounds + 1):
             lab = sitk.ReadImage(str(round_dir(root, k) / "pseudo_labels" / f"{case}_Label.nii.gz"))
             labels.append((f"round {k} pseudo-label", sitk.GetArrayFromImage(inf.resample_image(lab, grid, label=True))))
         image = sitk.GetArrayFromImage(ref)

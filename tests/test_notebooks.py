@@ -238,7 +238,7 @@ def test_smoke_06_07_08_outputs(smoke_run):
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "01_preprocess" / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz")))
         assert (truth_slice == 1).sum() == (truth == 1).sum(axis=(1, 2)).max() > 0
     smoke = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())["notebooks"]["07_self_training"]
-    rounds = smoke["rounds"]
+    rounds = smoke["rounds"] + 1  # the rounds, then the final model
     targets = sorted(p.name.replace("_hrT2", "_Label") for p in (data / "training_target").glob("*_hrT2.nii.gz"))
     for k in range(1, rounds + 1):
         round_dir = out / "07_self_training" / f"round_{k}"
@@ -337,7 +337,7 @@ def test_an_ablation_reuses_finished_stages_and_runs_without_self_training(smoke
         "extends": str(_smoke_profile(tmp)),
         "common": {"profile": "smoke_no_self_training", "output_dir": str(tmp_path / "ablation")},
         "reuse": {"from": str(tmp / "outputs"), "notebooks": ["01_preprocess", "02_cyclegan", "03_translate", "04_singan", "05_tumor_blending", "06_segmentation"]},
-        "notebooks": {"07_self_training": {"rounds": 0}, "09_evaluation": {"ablation_dirs": [str(tmp / "outputs")]}},
+        "notebooks": {"07_self_training": {"self_training": False}, "09_evaluation": {"ablation_dirs": [str(tmp / "outputs")]}},
     }
     path = tmp_path / "ablation.yaml"
     path.write_text(yaml.safe_dump(profile))
@@ -422,7 +422,7 @@ def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(t
     base = tmp_path / "base.yaml"  # the demo profile's role; ablations extend it
     base.write_text(yaml.safe_dump(smoke))
     ablation = tmp_path / "ablation.yaml"
-    ablation.write_text(yaml.safe_dump({"extends": str(base), "notebooks": {"07_self_training": {"rounds": 0}}}))
+    ablation.write_text(yaml.safe_dump({"extends": str(base), "notebooks": {"07_self_training": {"self_training": False}}}))
     notebooks = {nb.stem: nb for nb in runs.discover_notebooks()}
     run = tmp_path / "run"
     run.mkdir()

@@ -56,10 +56,25 @@ def test_warm_start_with_another_network_is_refused_before_any_pseudo_label(tmp_
     for structure in seg.STRUCTURES:
         (stage06 / structure).mkdir(parents=True)
         (stage06 / structure / "manifest.json").write_text(json.dumps({"settings": teacher.as_dict(), "folds": 1, "training_pairs": []}))
-    cfg = selftraining.SelfTrainingConfig(rounds=1, round_epochs=1, final_epochs=1, final_spacing=(0.4, 0.4, 1.0), folds=1, warm_start=("vs",))
+    cfg = selftraining.SelfTrainingConfig(rounds=0, round_epochs=1, final_epochs=1, final_spacing=(0.4, 0.4, 1.0), folds=1, warm_start=("vs",))  # round 1 is the final model
     with pytest.raises(ValueError, match=r"06/vs: cannot warm-start"):
         selftraining.run_round(1, cfg, tmp_path / "no_data", stage01, stage06, tmp_path / "07", progress=False)
     assert not (tmp_path / "07").exists()
     same_grid = replace(cfg, final_spacing=(0.6, 0.6, 1.0))  # passes the check, then needs the data
     with pytest.raises(Exception, match="no_data"):
         selftraining.run_round(1, same_grid, tmp_path / "no_data", stage01, stage06, tmp_path / "07", progress=False)
+
+
+def test_the_papers_schedule_three_rounds_then_the_final_model():
+    """papers/000: "we repeat this self training stage iteratively two more times" (three rounds of
+    pseudo-labels and retraining after stage 06), then "the last segmentation model was trained for
+    1000 epochs using real hrT2 with the last best pseudo labels only": four trainings."""
+    paper = selftraining.SelfTrainingConfig()
+    assert paper.rounds == 3 and paper.trained_rounds == 4 and paper.final_epochs == 1000
+    assert selftraining.SelfTrainingConfig(rounds=0).trained_rounds == 1  # the final model from stage 06's pseudo-labels
+    assert selftraining.SelfTrainingConfig(self_training=False).trained_rounds == 0  # stage 06's models are final
+    # The 95th-percentile clip is "to also facilitate the first cochlear segmentation stages".
+    assert selftraining.clip_percentile(paper, "cochlea", final=False) == 95.0
+    assert selftraining.clip_percentile(paper, "cochlea", final=True) is None
+    assert selftraining.clip_percentile(replace(paper, cochlea_clip_final=True), "cochlea", final=True) == 95.0
+    assert selftraining.clip_percentile(paper, "vs", final=False) is None
