@@ -137,6 +137,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "scale_factor": Rule(lo=0, hi=1, lo_open=True, hi_open=True),
         "min_size": Rule(lo=4),
         "max_size": Rule(lo=4),
+        "num_scales": Rule(lo=0),
         "ker_size": AT_LEAST_1,
         "num_layer": AT_LEAST_1,
         "nfc": AT_LEAST_1,

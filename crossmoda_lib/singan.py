@@ -58,6 +58,13 @@ class SinGANConfig:
         scale_factor: requested factor between scales (paper 0.85).
         min_size: size of the coarsest scale's short side.
         max_size: size of the finest scale's long side (the image is downscaled if larger).
+        num_scales: the number of scales (generators), coarsest to finest. 0: derived from
+            ``scale_factor``, ``min_size`` and ``max_size`` as the original code does. Set, the
+            pyramid has exactly this many scales from ``min_size`` to ``max_size`` and the
+            effective factor follows (it must stay within 0.05 of ``scale_factor``). The paper's
+            "scaling factor is 0.85, which makes N = 17" is read as 17 scales (the original's
+            pyramid for a 256 x 256 slice with min_size 25: effective factor 0.867); 18 (N + 1
+            generators in the paper's notation) is the other reading (docs/interpretations.md).
         ker_size: convolution kernel (paper 5).
         num_layer: conv blocks per generator/discriminator (5).
         nfc: channels at the coarsest scales (32), doubling every 4 scales up to ``max_nfc`` (128).
@@ -77,6 +84,7 @@ class SinGANConfig:
     scale_factor: float = 0.85
     min_size: int = 25
     max_size: int = 256
+    num_scales: int = 0
     ker_size: int = 5
     num_layer: int = 5
     nfc: int = 32
@@ -100,6 +108,8 @@ class SinGANConfig:
             raise ValueError("num_layer >= 2 and an odd ker_size are required")
         if self.min_size < 1 or self.max_size < self.min_size:
             raise ValueError(f"need 1 <= min_size <= max_size, not {self.min_size}, {self.max_size}")
+        if self.num_scales < 0 or self.num_scales == 1:
+            raise ValueError(f"num_scales must be 0 (derived) or at least 2, not {self.num_scales}")
 
     @property
     def pad(self) -> int:
@@ -123,16 +133,23 @@ class Pyramid:
 
 
 def pyramid_for(height: int, width: int, cfg: SinGANConfig) -> Pyramid:
-    """The original ``adjust_scales2image`` and ``creat_reals_pyramid`` arithmetic."""
+    """The original ``adjust_scales2image`` and ``creat_reals_pyramid`` arithmetic; with
+    ``cfg.num_scales`` set, that many scales between ``min_size`` and the resized slice."""
     sf0 = cfg.scale_factor
-    num_scales = math.ceil(math.log(cfg.min_size / min(height, width)) / math.log(sf0)) + 1
-    scale2stop = math.ceil(math.log(min(cfg.max_size, max(height, width)) / max(height, width)) / math.log(sf0))
-    stop_scale = num_scales - scale2stop
+    if cfg.num_scales:
+        num_scales = cfg.num_scales
+        stop_scale = num_scales - 1
+    else:
+        num_scales = math.ceil(math.log(cfg.min_size / min(height, width)) / math.log(sf0)) + 1
+        scale2stop = math.ceil(math.log(min(cfg.max_size, max(height, width)) / max(height, width)) / math.log(sf0))
+        stop_scale = num_scales - scale2stop
     scale1 = min(cfg.max_size / max(height, width), 1.0)
     h1, w1 = math.ceil(height * scale1), math.ceil(width * scale1)
     if stop_scale < 1:
         raise ValueError(f"image {height}x{width} is too small for min_size {cfg.min_size}")
     sf = (cfg.min_size / min(h1, w1)) ** (1.0 / stop_scale)
+    if cfg.num_scales and abs(sf - sf0) > 0.05:
+        raise ValueError(f"num_scales {cfg.num_scales} from min_size {cfg.min_size} to {min(h1, w1)} px needs a factor of {sf:.3f} between scales, too far from scale_factor {sf0}; change num_scales, min_size or max_size")
     # ceil as the original imresize, with a tolerance: 250 * sf**15 is 25 up to float rounding.
     sizes = tuple((math.ceil(h1 * sf ** (stop_scale - n) - 1e-6), math.ceil(w1 * sf ** (stop_scale - n) - 1e-6)) for n in range(stop_scale + 1))
     return Pyramid(num_scales, stop_scale, scale1, sf, sizes)
@@ -393,7 +410,10 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
         ckpt = out_dir / f"scale_{n:02d}.pt"
         if ckpt.exists():
             saved = cio.load_checkpoint(ckpt)
-            if saved["key"] != key:
+            made = saved["key"]
+            # settings added since (num_scales) take their default: what the scale was made with
+            made = {**made, "config": {**{k: v for k, v in asdict(SinGANConfig()).items() if k not in made["config"]}, **made["config"]}}
+            if made != key:
                 raise ValueError(f"{ckpt}: made with other settings or another image; delete {out_dir} or use another folder")
             net_g = Generator(nfc_at(n, cfg), cfg)
             net_g.load_state_dict(saved["G"])

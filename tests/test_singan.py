@@ -24,6 +24,15 @@ def test_pyramid_matches_the_original_formulas():
     # Sizes shrink by the effective factor, from an independent computation.
     for n, (h, w) in enumerate(p17.sizes):
         assert h == math.ceil(256 * p17.scale_factor ** (16 - n) - 1e-6)
+    # The number of scales made explicit (the paper profile's num_scales: 17) is the same pyramid;
+    # 18 (the other reading of "N = 17") steps by (25 / 256) ** (1 / 17); an impossible count is refused.
+    explicit = sg.pyramid_for(256, 256, sg.SinGANConfig(scale_factor=0.85, min_size=25, max_size=256, num_scales=17))
+    assert explicit.sizes == p17.sizes and explicit.scale_factor == pytest.approx(p17.scale_factor)
+    p18 = sg.pyramid_for(256, 256, sg.SinGANConfig(scale_factor=0.85, min_size=25, max_size=256, num_scales=18))
+    assert p18.n_scales == 18 and p18.sizes[0] == (25, 25) and p18.sizes[-1] == (256, 256)
+    assert p18.scale_factor == pytest.approx((25 / 256) ** (1 / 17))
+    with pytest.raises(ValueError, match="num_scales 8 .* too far from scale_factor 0.85"):
+        sg.pyramid_for(256, 256, sg.SinGANConfig(scale_factor=0.85, min_size=25, max_size=256, num_scales=8))
     # Non-square slice: the short side sets the number of scales, the long side max_size.
     pr = sg.pyramid_for(144, 176, sg.SinGANConfig(scale_factor=0.75, min_size=20, max_size=88))
     assert pr.sizes[-1] == (72, 88) and min(pr.sizes[0]) == 20
