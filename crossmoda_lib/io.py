@@ -816,6 +816,34 @@ def save_torch_atomic(path: Path | str, payload: object) -> Path:
     return path
 
 
+def save_npy_atomic(path: Path | str, array: np.ndarray) -> Path:
+    """``np.save`` atomically, read back (memory-mapped: shape and dtype) before the rename.
+
+    Raises:
+        WriteError: the array could not be written whole (a full disk).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, ".npy")
+    try:
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array))
+                fh.flush()
+                os.fsync(fh.fileno())
+            back = np.load(tmp, mmap_mode="r")
+            whole = back.shape == array.shape and back.dtype == array.dtype
+            del back
+        except (OSError, ValueError) as exc:
+            raise WriteError(f"{path}: writing failed ({exc}); is the disk full? Nothing was written in its place") from exc
+        if not whole:
+            raise WriteError(f"{path}: writing failed: the array read back is not the one written")
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def load_checkpoint(path: Path | str) -> dict:
     """``torch.load`` of a checkpoint this project wrote (on the CPU), with an error that names the file.
 

@@ -223,7 +223,8 @@ class Case:
     foreground: np.ndarray = field(default=None, repr=False)  # (N, 3) foreground voxel indices
 
     def __post_init__(self) -> None:
-        self.foreground = np.argwhere(self.target > 0)
+        if self.foreground is None:
+            self.foreground = np.argwhere(self.target > 0)
 
 
 def clip_to_percentile(image: np.ndarray, percentile: float | None) -> np.ndarray:
@@ -383,7 +384,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
     augment = augmentation(cfg)
     loss_fn = make_loss()
     epoch, history, finished = 0, [], False
-    key = {"config": cfg.as_dict(), "cases": [c.name for c in cases]}
+    key = {"config": cfg.as_dict(), "cases": list(cases.names) if hasattr(cases, "names") else [c.name for c in cases]}
     if init_from is not None:
         key["init_from"] = str(init_from)
     if ckpt_path.exists():
@@ -441,7 +442,7 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
         row = {"epoch": epoch, "lr": lr, "loss": float(np.mean(losses))}
         if val_cases and cfg.val_every and epoch % cfg.val_every == 0:
             net.eval()
-            row["val_dice"] = float(np.mean([dice_score(predict_mask(net, c.image, cfg), c.target) for c in val_cases]))
+            row["val_dice"] = float(np.mean([dice_score(predict_mask(net, np.array(c.image), cfg), c.target) for c in val_cases]))
         history.append(row)
         cio.write_text_atomic(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
         finished = epoch >= cfg.epochs
@@ -671,14 +672,23 @@ def warm_start_fold(model_dir: Path | str, k: int) -> Path:
 
 def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
     """Load one fold's volumes, train (or resume, or reuse) its model; its summary row."""
+    from crossmoda_lib.volumes import VolumeStore
+
     value = STRUCTURES[task.structure]
-
-    def load(p: Pair) -> Case:
-        return load_case(p.image, p.label, value, task.clip_percentile if p.real else None)
-
-    _, history = train([load(p) for p in task.train_pairs], [load(p) for p in task.val_pairs], task.cfg, task.out_dir, progress=progress, device=task.device, init_from=task.init_from)
+    # Volumes are read from disk as patches need them (crossmoda_lib.volumes): memory does not grow with the cohort.
+    cache = volume_cache(task.out_dir)
+    train_cases = VolumeStore(task.train_pairs, value, task.clip_percentile, cache)
+    val_cases = VolumeStore(task.val_pairs, value, task.clip_percentile, cache)
+    _, history = train(train_cases, val_cases, task.cfg, task.out_dir, progress=progress, device=task.device, init_from=task.init_from)
     has_val = "val_dice" in history and history.val_dice.notna().any()
     return {"structure": task.structure, "fold": task.fold, "train_volumes": len(task.train_pairs), "val_volumes": len(task.val_pairs), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan")}
+
+
+def volume_cache(fold_dir: Path | str) -> Path:
+    """Where a fold's volumes are unpacked (:class:`crossmoda_lib.volumes.VolumeStore`): the stage's
+    (or self-training round's) folder, ``<stage>/volume_cache``, shared by its structures and folds
+    and removed when their training is done."""
+    return Path(fold_dir).parent.parent / "volume_cache"
 
 
 def _worker_init(threads: int) -> None:
@@ -754,6 +764,10 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
         table = pd.DataFrame([next(remaining) for _ in group])
         save_manifest(job.out_dir, {"structure": job.structure, "folds": job.folds, "settings": job.cfg.as_dict(), "init_from": None if job.init_from is None else str(job.init_from), "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in job.pairs], "clip_percentile": job.clip_percentile, "summary": table.to_dict("records")})
         tables.append(table)
+    import shutil
+
+    for cache in sorted({volume_cache(t.out_dir) for t in tasks}):  # a finished stage needs no unpacked volumes
+        shutil.rmtree(cache, ignore_errors=True)
     return tables
 
 

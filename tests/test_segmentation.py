@@ -270,3 +270,41 @@ def test_warm_started_ensembles_take_the_teachers_fold(tmp_path):
     assert '"init_from": "' in (tmp_path / "student" / "manifest.json").read_text()
     with pytest.raises(Exception, match="manifest.json missing"):
         seg.warm_start_fold(tmp_path / "nowhere", 0)
+
+
+def test_volumes_read_from_disk_train_the_same_model_as_volumes_in_memory(tmp_path):
+    """crossmoda_lib.volumes: the store unpacks each volume once (image clipped as the model sees
+    it, target, foreground indices) and hands out memory maps; the model is bit-identical to one
+    trained on the same volumes held in memory, and a changed input is unpacked again."""
+    from crossmoda_lib.volumes import VolumeStore
+
+    pairs = [p._replace(real=True) for p in _toy_pairs(tmp_path / "data")]  # real: the clip applies
+    cfg = seg.SegConfig(**{**TOY.__dict__, "epochs": 2, "val_every": 1})
+    in_memory = [seg.load_case(p.image, p.label, 1, 95.0) for p in pairs]
+    store = VolumeStore(pairs, 1, 95.0, tmp_path / "cache")
+    assert len(store) == 2 and store.names == [c.name for c in in_memory]
+    case = store[0]
+    assert isinstance(case.image, np.memmap) and isinstance(case.target, np.memmap)
+    assert np.array_equal(case.image, in_memory[0].image) and np.array_equal(case.target, in_memory[0].target)
+    assert np.array_equal(case.foreground, in_memory[0].foreground)
+    # The store keeps file names, not volumes.
+    assert all(isinstance(v, str) for e in store.entries for k, v in e.items())
+    a, ha = seg.train(in_memory, in_memory[:1], cfg, tmp_path / "memory", progress=False)
+    b, hb = seg.train(store, store[:1], cfg, tmp_path / "disk", progress=False)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert ha.equals(hb)
+    files = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(files) == 6
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+    VolumeStore(pairs, 1, 95.0, tmp_path / "cache")  # reused
+    assert {f.name: f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").glob("*.npy"))} == before
+    VolumeStore(pairs, 1, None, tmp_path / "cache")  # another clip: unpacked anew beside
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 12
+
+
+def test_a_finished_stage_leaves_no_unpacked_volumes(tmp_path):
+    pairs = _toy_pairs(tmp_path / "data")
+    cfg = seg.SegConfig(**{**TOY.__dict__, "epochs": 1, "val_every": 0})
+    seg.train_structures([seg.StructureJob(pairs, "vs", cfg, 1, tmp_path / "stage" / "vs")], progress=False)
+    assert (tmp_path / "stage" / "vs" / "fold_0" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "stage" / "volume_cache").exists()
