@@ -71,6 +71,20 @@ def resolve(spec: str | torch.device | None = "auto") -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
+def spread(spec: str | torch.device | None = "auto") -> list[torch.device]:
+    """The devices that independent models (stages 06-07: structure x fold) are spread over, one
+    training process per device: every GPU torch sees for ``auto`` and ``cuda``, the one named for
+    ``cuda:N``, else the CPU. On a machine with one GPU or none this is :func:`resolve`'s device.
+
+    Raises:
+        DeviceError: as :func:`resolve`.
+    """
+    one = resolve(spec)
+    if parse(spec) in ("auto", "cuda") and one.type == "cuda":
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [one]
+
+
 def prepare(device: torch.device) -> torch.device:
     """Settings that make a GPU run repeatable: cuDNN picks deterministic algorithms and does not
     benchmark others (whose choice depends on timing). A no-op on the CPU."""

@@ -679,9 +679,10 @@ def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
     cache = volume_cache(task.out_dir)
     train_cases = VolumeStore(task.train_pairs, value, task.clip_percentile, cache)
     val_cases = VolumeStore(task.val_pairs, value, task.clip_percentile, cache)
-    _, history = train(train_cases, val_cases, task.cfg, task.out_dir, progress=progress, device=task.device, init_from=task.init_from)
+    device = _WORKER_DEVICE or task.device
+    _, history = train(train_cases, val_cases, task.cfg, task.out_dir, progress=progress, device=device, init_from=task.init_from)
     has_val = "val_dice" in history and history.val_dice.notna().any()
-    return {"structure": task.structure, "fold": task.fold, "train_volumes": len(task.train_pairs), "val_volumes": len(task.val_pairs), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan")}
+    return {"structure": task.structure, "fold": task.fold, "device": device, "train_volumes": len(task.train_pairs), "val_volumes": len(task.val_pairs), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan")}
 
 
 def volume_cache(fold_dir: Path | str) -> Path:
@@ -691,9 +692,22 @@ def volume_cache(fold_dir: Path | str) -> Path:
     return Path(fold_dir).parent.parent / "volume_cache"
 
 
-def _worker_init(threads: int) -> None:
+#: The device of this training process when it is a pool worker (:func:`_worker_init`).
+_WORKER_DEVICE: str | None = None
+
+
+def _worker_init(threads: int, device_queue=None) -> None:
+    """A pool worker: its share of the threads, its own device (one per GPU), and it dies with its parent."""
+    global _WORKER_DEVICE
     torch.set_num_threads(threads)
     devices.die_with_parent()
+    if device_queue is not None:
+        import queue
+
+        try:
+            _WORKER_DEVICE = device_queue.get(timeout=5)
+        except queue.Empty:  # a worker started again after one died: its task's device
+            _WORKER_DEVICE = None
 
 
 def _epochs_done(out_dir: Path) -> int:
@@ -701,7 +715,7 @@ def _epochs_done(out_dir: Path) -> int:
     return max(0, len(history.read_text().splitlines()) - 1) if history.exists() else 0
 
 
-def _train_in_pool(tasks: list[_FoldTask], workers: int, progress: bool) -> list[dict]:
+def _train_in_pool(tasks: list[_FoldTask], workers: int, progress: bool, pool_devices: list[str] | None = None) -> list[dict]:
     """Train independent models in ``workers`` fresh processes (spawned: safe from a notebook kernel
     whose thread pools are running), the machine's threads split between them. Progress is read from
     each model's ``history.csv``; the first error stops the others (their last epoch is checkpointed)
@@ -713,7 +727,13 @@ def _train_in_pool(tasks: list[_FoldTask], workers: int, progress: bool) -> list
     threads = max(1, torch.get_num_threads() // workers)
     total = sum(t.cfg.epochs for t in tasks)
     bar = tqdm(total=total, desc=f"06 training {len(tasks)} models, {workers} processes x {threads} threads", disable=not progress)
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(threads,))
+    context = mp.get_context("spawn")
+    device_queue = None
+    if pool_devices:  # worker i trains on device i (cyclically): one process per GPU
+        device_queue = context.Queue()
+        for i in range(workers):
+            device_queue.put(pool_devices[i % len(pool_devices)])
+    pool = context.Pool(workers, initializer=_worker_init, initargs=(threads, device_queue))
     try:
         pending = [pool.apply_async(_train_fold, (task, False)) for task in tasks]
         while not all(r.ready() for r in pending):
@@ -744,19 +764,25 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
     two-thread process trains them in turn, start-up of the processes included
     (``benchmarks/bench_segmentation.py --workers --iterations 160``). Each model stays deterministic
     for a given number of threads; models trained with other thread counts differ by float rounding.
-    ``device`` (:func:`crossmoda_lib.devices.resolve`) is where every model trains; with a GPU and
-    ``workers`` > 1 the processes share it.
+    ``device`` is where the models train: a setting (:func:`crossmoda_lib.devices.spread`: with
+    ``auto`` or ``cuda`` on a machine with several GPUs, one process per GPU, at least that many
+    processes, each model on its process's GPU) or a list of devices. With one device and
+    ``workers`` > 1 the processes share it. Each row says where its model trained.
 
     Returns:
         Per job, one row per fold: training and validation volumes, final loss, last validation Dice.
     """
     jobs = [StructureJob(*job) for job in jobs]
-    device = str(devices.resolve(device))  # checked here, before any process starts
+    # Checked here, before any process starts. Several GPUs: one training process per GPU.
+    pool_devices = [str(d) for d in device] if isinstance(device, (list, tuple)) else [str(d) for d in devices.spread(device)]
+    for d in pool_devices:
+        devices.resolve(d)
+    device = pool_devices[0]
     per_job = [_fold_tasks(job, device) for job in jobs]
     tasks = [task for group in per_job for task in group]
     todo = [i for i, t in enumerate(tasks) if _epochs_done(t.out_dir) < t.cfg.epochs]
-    workers = max(1, min(workers, len(todo)))
-    trained = dict(zip(todo, _train_in_pool([tasks[i] for i in todo], workers, progress))) if workers > 1 else {}
+    workers = max(1, min(max(workers, len(pool_devices)) if len(pool_devices) > 1 else workers, len(todo)))
+    trained = dict(zip(todo, _train_in_pool([tasks[i] for i in todo], workers, progress, pool_devices))) if workers > 1 else {}
     # The rest in this process, in turn (finished models are only loaded).
     rows = [trained[i] if i in trained else _train_fold(t, progress=progress) for i, t in enumerate(tasks)]
     tables, remaining = [], iter(rows)

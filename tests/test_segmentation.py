@@ -308,3 +308,35 @@ def test_a_finished_stage_leaves_no_unpacked_volumes(tmp_path):
     seg.train_structures([seg.StructureJob(pairs, "vs", cfg, 1, tmp_path / "stage" / "vs")], progress=False)
     assert (tmp_path / "stage" / "vs" / "fold_0" / "checkpoint.pt").is_file()
     assert not (tmp_path / "stage" / "volume_cache").exists()
+
+
+def test_models_spread_over_two_devices_equal_models_trained_in_turn(tmp_path):
+    """The multi-GPU path (one process per device, each model on its process's device), with two
+    CPU "devices": the models are those trained one after the other, and each row says where."""
+    pairs = _toy_pairs(tmp_path / "data")
+    cfg = seg.SegConfig(**{**TOY.__dict__, "epochs": 1, "val_every": 0})
+    jobs = lambda root: [seg.StructureJob(pairs, s, cfg, 1, root / s) for s in ("vs", "cochlea")]  # noqa: E731
+    threads = torch.get_num_threads()
+    if threads // 2 != 1:
+        pytest.skip(f"{threads} threads: the two worker processes would not run with one thread each")
+    torch.set_num_threads(1)
+    try:
+        in_turn = seg.train_structures(jobs(tmp_path / "in_turn"), workers=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    spread = seg.train_structures(jobs(tmp_path / "spread"), workers=1, progress=False, device=["cpu", "cpu"])
+    for structure, a, b in zip(("vs", "cochlea"), in_turn, spread):
+        assert list(b.device) == ["cpu"] and a.equals(b), structure
+        wa, wb = _weights(tmp_path / "in_turn" / structure / "fold_0"), _weights(tmp_path / "spread" / structure / "fold_0")
+        assert all(torch.equal(wa[key], wb[key]) for key in wa), structure
+
+
+def test_devices_to_spread_over():
+    from crossmoda_lib import devices
+
+    assert devices.spread("cpu") == [torch.device("cpu")]
+    if not torch.cuda.is_available():
+        assert devices.spread("auto") == [torch.device("cpu")]
+    else:
+        assert devices.spread("auto") == [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+        assert devices.spread("cuda:0") == [torch.device("cuda:0")]
