@@ -881,6 +881,18 @@ def truth_label_path(root: Path | str, case: str) -> Path:
     return Path(root) / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz"
 
 
+def folder_stamps(root: Path | str) -> dict[str, list[int]]:
+    """``{relative path: [size, modification time in ns]}`` of every NIfTI and CSV of a data folder's
+    splits and truth: what a stage that keeps finished outputs compares to notice a replaced input."""
+    root = Path(root)
+    stamps = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and (path.name.endswith(".nii.gz") or path.suffix == ".csv"):
+            st = path.stat()
+            stamps[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
 def iter_split(root: Path | str, split: str) -> Iterable[tuple[str, Path]]:
     """Yield ``(case, image path)`` of one split's images in name order."""
     modality = SPLITS[split]

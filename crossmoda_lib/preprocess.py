@@ -249,7 +249,8 @@ def preprocess_dataset(data_dir: Path | str, out_dir: Path | str, cfg: Preproces
     Writes ``out_dir/{source,target,validation}/`` (and ``test/`` when the data has that split) (images, and labels for source), and, when the
     data has ``synthetic_truth/``, ``out_dir/synthetic_truth/`` on the hrT2 crops; then ``cases.csv``
     and ``manifest.json`` (settings, library version). A finished stage with the same settings is
-    skipped (its table is returned).
+    skipped (its table is returned) when its input files are those it was made from (name, size and
+    modification time of every file, :func:`crossmoda_lib.io.folder_stamps`); otherwise it is redone.
 
     Args:
         data_dir: input folder (crossMoDA 2022 layout); never written to.
@@ -267,9 +268,11 @@ def preprocess_dataset(data_dir: Path | str, out_dir: Path | str, cfg: Preproces
     check_not_inside(out_dir, data_dir)
     manifest_path = out_dir / "manifest.json"
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+    inputs = cio.folder_stamps(data_dir)
     if manifest_path.exists() and not overwrite:
         previous = json.loads(manifest_path.read_text())
-        if previous.get("settings") == settings and previous.get("data_dir") == str(data_dir.resolve()):
+        # Reused only for the same settings and the same input files (a file replaced under its name counts).
+        if previous.get("settings") == settings and previous.get("data_dir") == str(data_dir.resolve()) and previous.get("inputs") == inputs:
             return pd.read_csv(out_dir / "cases.csv")
     report = cio.validate_dataset(data_dir)
     report.raise_if_errors()
@@ -303,7 +306,7 @@ def preprocess_dataset(data_dir: Path | str, out_dir: Path | str, cfg: Preproces
         )
     table = pd.DataFrame(rows)
     cio.write_text_atomic(out_dir / "cases.csv", table.to_csv(index=False))
-    manifest = {"stage": "01_preprocess", "library_version": __version__, "data_dir": str(data_dir.resolve()), "settings": settings, "n_cases": len(rows)}
+    manifest = {"stage": "01_preprocess", "library_version": __version__, "data_dir": str(data_dir.resolve()), "settings": settings, "inputs": inputs, "n_cases": len(rows)}
     cio.write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return table
 

@@ -504,3 +504,20 @@ def test_two_runs_that_share_a_data_folder_generate_it_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
     assert cio.validate_dataset(tmp_path / "data").ok
     assert not list(tmp_path.glob(".data.partial-*"))
+
+
+def test_stage_01_redoes_its_work_when_an_input_was_replaced_under_its_name(cohort_copy, tmp_path):
+    from crossmoda_lib import preprocess as pp
+
+    cfg = pp.PreprocessConfig((0.6, 0.6, 1.0), (176, 144))
+    stage = tmp_path / "01_preprocess"
+    pp.preprocess_dataset(cohort_copy, stage, cfg, progress=False)
+    first = sorted((cohort_copy / "validation").glob("*_hrT2.nii.gz"))[0]
+    out = stage / "validation" / first.name
+    before = out.read_bytes()
+    pp.preprocess_dataset(cohort_copy, stage, cfg, progress=False)
+    assert out.read_bytes() == before, "unchanged inputs: the finished stage is kept"
+    image = sitk.ReadImage(str(first))
+    cio.write_image(sitk.Cast(sitk.InvertIntensity(image, float(np.max(sitk.GetArrayViewFromImage(image)))), image.GetPixelID()), first)  # other voxels, same name
+    pp.preprocess_dataset(cohort_copy, stage, cfg, progress=False)
+    assert out.read_bytes() != before
