@@ -172,8 +172,9 @@ def test_smoke_02_03_outputs(smoke_run):
 
 @pytest.mark.notebook
 def test_a_failing_notebook_is_named_and_stops_the_run(tmp_path):
-    with pytest.raises(runs.NotebookFailed, match=r"notebooks/01_preprocess.ipynb failed .*crop_size"):
-        runs.run_profile(_smoke_profile(tmp_path, crop_size=[0, 0]), progress=False)
+    # Each percentile is in range (the profile schema passes it); their order is the notebook's to refuse.
+    with pytest.raises(runs.NotebookFailed, match=r"notebooks/01_preprocess.ipynb failed .*intensity_percentiles"):
+        runs.run_profile(_smoke_profile(tmp_path, intensity_percentiles=[99.9, 0.5]), progress=False)
     saved = json.loads((tmp_path / "outputs" / "run_manifest.json").read_text())
     assert saved["notebooks"][-1]["status"] == "failed"
 
