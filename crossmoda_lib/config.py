@@ -83,13 +83,7 @@ def load_profile(path: Path | str) -> dict[str, Any]:
         raise ProfileError(f"{path}: common.device: {exc}") from exc
     if common["cpu_kernels"] not in devices.CPU_KERNEL_CHOICES:
         raise ProfileError(f"{path}: common.cpu_kernels must be one of {devices.CPU_KERNEL_CHOICES}, not {common['cpu_kernels']!r}")
-    notebooks = data.get("notebooks") or {}
-    if not isinstance(notebooks, dict):
-        raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")
-    notebooks = {name: section or {} for name, section in notebooks.items()}  # an empty section: no changes
-    bad = [name for name, section in notebooks.items() if not isinstance(section, dict)]
-    if bad:
-        raise ProfileError(f"{path}: notebooks.{bad[0]} must be a mapping of keys to values, not {notebooks[bad[0]]!r}")
+    notebooks = data.get("notebooks") or {}  # every section a mapping: _checked_sections
     extra = sorted(set(data) - {"common", "notebooks", "reuse"})
     if extra:
         raise ProfileError(f"{path}: unknown top-level key(s) {extra}; known: common, notebooks, extends, reuse")
@@ -106,27 +100,41 @@ def _resolve_extends(path: Path, chain: list[Path]) -> Any:
     if here in chain:
         loop = " -> ".join(str(p) for p in [*chain[chain.index(here):], here])
         raise ProfileError(f"{chain[0]}: 'extends' loops: {loop}")
-    data = _read_yaml(path)
+    data = _checked_sections(path, _read_yaml(path))
     if not isinstance(data, dict) or "extends" not in data:
         return data
     parent = data.pop("extends")
     if not isinstance(parent, str) or not parent:
         raise ProfileError(f"{path}: extends must name a profile file, not {parent!r}")
-    for section in ("common", "notebooks"):
-        if section in data and data[section] is not None and not isinstance(data[section], dict):
-            raise ProfileError(f"{path}: '{section}' must be a mapping, not {data[section]!r}")
     base = _resolve_extends(path.parent / parent, [*chain, here])
     if not isinstance(base, dict):
         raise ProfileError(f"{path.parent / parent}: expected a mapping (extended by {path})")
     merged = {**base, **{k: v for k, v in data.items() if k not in ("common", "notebooks")}}
     merged["common"] = {**(base.get("common") or {}), **(data.get("common") or {})}
-    notebooks = {k: dict(v or {}) for k, v in (base.get("notebooks") or {}).items()}
+    notebooks = {k: dict(v) for k, v in (base.get("notebooks") or {}).items()}
     for name, section in (data.get("notebooks") or {}).items():
-        if section is not None and not isinstance(section, dict):
-            raise ProfileError(f"{path}: notebooks.{name} must be a mapping of keys to values, not {section!r}")
-        notebooks[name] = {**notebooks.get(name, {}), **(section or {})}
+        notebooks[name] = {**notebooks.get(name, {}), **section}
     merged["notebooks"] = notebooks
     return merged
+
+
+def _checked_sections(path: Path, data: Any) -> Any:
+    """One profile file's ``common`` and ``notebooks`` checked to be mappings (each notebook's
+    section too; an empty one means no changes), before it is merged with the file it extends."""
+    if not isinstance(data, dict):
+        return data  # load_profile names the problem
+    if data.get("common") is not None and not isinstance(data["common"], dict):
+        raise ProfileError(f"{path}: 'common' must be a mapping, not {data['common']!r}")
+    notebooks = data.get("notebooks")
+    if notebooks is None:
+        return data
+    if not isinstance(notebooks, dict):
+        raise ProfileError(f"{path}: 'notebooks' must map notebook names to mappings")
+    for name, section in notebooks.items():
+        if section is not None and not isinstance(section, dict):
+            raise ProfileError(f"{path}: notebooks.{name} must be a mapping of keys to values, not {section!r}")
+    data["notebooks"] = {name: section or {} for name, section in notebooks.items()}
+    return data
 
 
 def _read_yaml(path: Path) -> Any:

@@ -16,13 +16,14 @@ place, so an interrupted run never leaves a half-written file that looks whole.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -675,6 +676,20 @@ def _commit(tmp: Path, path: Path) -> None:
         raise WriteError(f"{path}: could not move the written file into place ({exc})") from exc
 
 
+@contextlib.contextmanager
+def _staged(path: Path, suffix: str | None = None) -> Iterator[Path]:
+    """The temporary sibling that a block writes ``path`` through: renamed into place (with the
+    umask's mode) when the block ends without an error, removed in every case. Parent folders are
+    created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, path.suffix if suffix is None else suffix)
+    try:
+        yield tmp
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _squeezed(size: tuple[int, ...]) -> tuple[int, ...]:
     """A size without trailing singleton axes past the third (ITK reads x*y*z*1 back as x*y*z)."""
     size = tuple(size)
@@ -718,18 +733,12 @@ def write_image(image: sitk.Image, path: Path | str, *, compress: bool = True) -
         WriteError: the file could not be written whole (checked by reading it back).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = _temp_sibling(path, suffix)
-    try:
+    with _staged(path, ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), compress)
         except RuntimeError as exc:
             raise WriteError(f"{path}: writing failed ({str(exc).strip().splitlines()[-1]})") from exc
         _verify_image(tmp, path, image)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -769,22 +778,22 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
         WriteError: the bytes could not all be written (a full disk); nothing is left in their place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, path.suffix)
-    try:
+    with _staged(path) as tmp:
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_synced(tmp, lambda fh: fh.write(data))
         except OSError as exc:
             raise WriteError(f"{path}: writing failed ({exc.strerror or exc}); is the disk full? Nothing was written in its place") from exc
         if tmp.stat().st_size != len(data):
             raise WriteError(f"{path}: writing failed: {tmp.stat().st_size} of {len(data)} bytes written")
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_synced(tmp: Path, write) -> None:
+    """``write(file)`` into ``tmp``, then flush and fsync: the bytes are on the disk (or an OSError)."""
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_torch_atomic(path: Path | str, payload: object) -> Path:
@@ -799,9 +808,7 @@ def save_torch_atomic(path: Path | str, payload: object) -> Path:
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, path.suffix)
-    try:
+    with _staged(path) as tmp:
         try:
             torch.save(payload, tmp)
             with zipfile.ZipFile(tmp) as archive:  # torch's format: every member's CRC is checked
@@ -810,9 +817,6 @@ def save_torch_atomic(path: Path | str, payload: object) -> Path:
             raise WriteError(f"{path}: writing the checkpoint failed ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}); is the disk full? The previous checkpoint is untouched") from exc
         if bad is not None:
             raise WriteError(f"{path}: the checkpoint was written corrupt (member {bad}); the previous one is untouched")
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -823,14 +827,9 @@ def save_npy_atomic(path: Path | str, array: np.ndarray) -> Path:
         WriteError: the array could not be written whole (a full disk).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path, ".npy")
-    try:
+    with _staged(path, ".npy") as tmp:
         try:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array))
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_synced(tmp, lambda fh: np.save(fh, np.ascontiguousarray(array)))
             back = np.load(tmp, mmap_mode="r")
             whole = back.shape == array.shape and back.dtype == array.dtype
             del back
@@ -838,9 +837,6 @@ def save_npy_atomic(path: Path | str, array: np.ndarray) -> Path:
             raise WriteError(f"{path}: writing failed ({exc}); is the disk full? Nothing was written in its place") from exc
         if not whole:
             raise WriteError(f"{path}: writing failed: the array read back is not the one written")
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -20,7 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-CENTRE_NAMES = ("London", "Tilburg")
+from crossmoda_lib import io as cio
+
+CENTRE_NAMES = tuple(cio.CENTRES.values())
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def items(each: Rule, min_items: int = 0) -> Rule:
 COMMON: dict[str, tuple[type | tuple[type, ...], Rule | None]] = {
     "profile": (str, None),
     "seed": (int, Rule(lo=0, hi=2**32 - 1)),
-    "data_source": (str, choice("synthetic", "real")),
+    "data_source": (str, None),  # checked against crossmoda_lib.config.DATA_SOURCES
     "data_dir": (str, None),
     "output_dir": (str, None),
     "synth_cases_per_centre": (int, Rule(lo=3)),

@@ -410,9 +410,8 @@ def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *,
         ckpt = out_dir / f"scale_{n:02d}.pt"
         if ckpt.exists():
             saved = cio.load_checkpoint(ckpt)
-            made = saved["key"]
-            # settings added since (num_scales) take their default: what the scale was made with
-            made = {**made, "config": {**{k: v for k, v in asdict(SinGANConfig()).items() if k not in made["config"]}, **made["config"]}}
+            # A scale saved before a setting existed (num_scales) holds that setting's default.
+            made = {**saved["key"], "config": {**asdict(SinGANConfig()), **saved["key"]["config"]}}
             if made != key:
                 raise ValueError(f"{ckpt}: made with other settings or another image; delete {out_dir} or use another folder")
             net_g = Generator(nfc_at(n, cfg), cfg)

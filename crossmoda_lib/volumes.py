@@ -66,9 +66,8 @@ class VolumeStore(Sequence):
         image_path, label_path = Path(pair.image), Path(pair.label)
         what = {"format": FORMAT, "image": _stamp(image_path), "label": _stamp(label_path), "value": self.value, "clip": clip}
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
-        stem = self.cache_dir / key
-        files = {part: stem.with_name(f"{key}.{part}.npy") for part in ("image", "target", "foreground")}
-        record = stem.with_name(f"{key}.json")
+        files = {part: self.cache_dir / f"{key}.{part}.npy" for part in ("image", "target", "foreground")}
+        record = self.cache_dir / f"{key}.json"
         if not record.exists() or not all(f.exists() for f in files.values()):
             case = seg.load_case(image_path, label_path, self.value, clip)
             cio.save_npy_atomic(files["image"], case.image)

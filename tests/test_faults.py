@@ -387,6 +387,13 @@ def test_every_schema_rule_names_a_declared_key():
         assert stem in declared
         assert set(rules) <= set(declared[stem]), (stem, sorted(set(rules) - set(declared[stem])))
     assert set(schema.COMMON) == {*config.COMMON_KEYS, *config.OPTIONAL_COMMON}
+    # Allowed values written in the schema agree with the code that uses them.
+    from crossmoda_lib import segmentation as seg
+
+    for key in ("vs_sets", "cochlea_sets"):
+        assert schema.RULES["06_segmentation"][key].items.choices == seg.TRAINING_SETS, key
+    assert set(schema.RULES["07_self_training"]["warm_start"].items.choices) == set(seg.STRUCTURES)
+    assert set(schema.RULES["08_inference"]["splits"].items.choices) == set(cio.SPLITS) - {"training_source", "training_target"}
 
 
 # --------------------------------------------------------------------------------------------------
