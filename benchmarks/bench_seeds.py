@@ -25,6 +25,13 @@ Resumable: a run that stopped (a killed benchmark, a session's end) continues wh
 every stage resumes or reuses its checkpoints; a finished run's row is kept in
 ``<root>/seed<s>_<kernels>/bench_seeds/row.json`` and not recomputed. A demo run takes 35-60 minutes on
 a 2-core CPU (README, "Results"): start it in the background (``nohup ... &``) and read the log.
+
+Kept across checkouts: ``outputs/`` is not committed, so each finished row is also written to
+``--record`` (``benchmarks/results/seeds/seed<s>_<kernels>.json``, committed), with the git commit
+it ran on and ``code``, a hash of everything that decides the numbers (the library, the notebooks,
+the profiles: :func:`code_stamp`). A later call takes a recorded row instead of running the seed
+again only when its ``code`` is the current one; a row of other code is run again (and its record
+replaced), so the table never mixes code versions.
 """
 
 from __future__ import annotations
@@ -73,6 +80,28 @@ def finished(run_dir: Path) -> bool:
     return bool(saved.get("finished")) and {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")} <= names
 
 
+def code_stamp(root: Path = ROOT) -> str:
+    """sha256 (16 hex digits) of the files that decide a run's numbers: ``crossmoda_lib`` (code and
+    reference data), the notebooks and every profile under ``params/`` (a profile may extend another)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [*sorted((root / "crossmoda_lib").rglob("*.py")), *sorted((root / "crossmoda_lib" / "reference").glob("*")), *sorted((root / "notebooks").glob("*.ipynb")), *sorted((root / "params").rglob("*.yaml"))]
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def recorded(record: Path | None, seed: int, kernels: str, code: str) -> dict | None:
+    """The committed row of this run when it was made by the same code (:func:`code_stamp`), else None."""
+    path = None if record is None else record / f"seed{seed}_{kernels}.json"
+    if path is None or not path.exists():
+        return None
+    row = json.loads(path.read_text())
+    return row if row.get("code") == code else None
+
+
 def every_component_bundle(models: Path, out: Path) -> Path:
     """A copy of a run's ``08_inference/models`` bundle that keeps every cochlea component (the
     paper's post-processing), pointing at the same model folders."""
@@ -110,7 +139,7 @@ def translation_scores(run_dir: Path, oracle_iterations: int) -> dict:
     return {"translation_score": float(np.mean(dice)), "vs_band_dice": float(np.mean(contrast))}
 
 
-def summarise(run_dir: Path, seed: int, kernels: str, *, oracle_iterations: int = 250) -> dict:
+def summarise(run_dir: Path, seed: int, kernels: str, *, code: str, oracle_iterations: int = 250) -> dict:
     """One row of ``seeds.csv`` for a finished run (kept in ``bench_seeds/row.json``)."""
     import pandas as pd
 
@@ -131,7 +160,7 @@ def summarise(run_dir: Path, seed: int, kernels: str, *, oracle_iterations: int 
     every = metrics.evaluate_folders(predictions, truth, list(scores.Case))
     cyclegan = json.loads((run_dir / "02_cyclegan" / "manifest.json").read_text())
     wall = sum(n["wall_s"] for n in manifest["notebooks"] if n["status"] == "ok") / 60.0
-    row = report.seed_row(scores, every, seed=seed, cpu_kernels=kernels, split=split, draw=cyclegan.get("draw", 0), wall_min=round(wall, 1), **translation_scores(run_dir, oracle_iterations))
+    row = report.seed_row(scores, every, seed=seed, cpu_kernels=kernels, split=split, draw=cyclegan.get("draw", 0), wall_min=round(wall, 1), commit=manifest.get("git_commit", "unknown"), code=code, **translation_scores(run_dir, oracle_iterations))
     from crossmoda_lib import io as cio
 
     cio.write_text_atomic(saved, json.dumps(row, indent=2) + "\n")
@@ -161,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds run with the profile's own cpu_kernels")
     ap.add_argument("--native-seeds", type=int, nargs="*", default=[0], help="seeds also run with cpu_kernels: native (none: --native-seeds)")
     ap.add_argument("--root", default="outputs/benchmarks/seeds", help="one folder per run, seeds.csv and seeds.png")
+    ap.add_argument("--record", default="benchmarks/results/seeds", help="finished rows are also kept here (committed; '' for none)")
     ap.add_argument("--oracle-iterations", type=int, default=250, help="training iterations of the translation score's VS oracle (a multiple of 25)")
     args = ap.parse_args(argv)
 
@@ -168,12 +198,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     base = config.resolve_path(args.profile)
     root = config.resolve_path(args.root)
+    record = config.resolve_path(args.record) if args.record else None
+    code = code_stamp()
     own = config.load_profile(base)["common"]["cpu_kernels"]
     jobs = [(s, own) for s in args.seeds] + [(s, "native") for s in args.native_seeds if own != "native"]
     print(f"{len(jobs)} runs of {args.profile} into {root}: " + ", ".join(f"seed {s} ({k})" for s, k in jobs), flush=True)
     rows = []
     for seed, kernels in jobs:
         run_dir = root / f"seed{seed}_{kernels}"
+        kept = recorded(record, seed, kernels, code)
+        if kept is not None and not finished(run_dir):
+            print(f"seed {seed} ({kernels}): recorded in {record} by this code (commit {kept['commit']})", flush=True)
+            rows.append(kept)
+            write_table(rows, root)
+            continue
         if not finished(run_dir):
             profile = run_profile_file(base, seed, kernels, root)
             log = root / f"seed{seed}_{kernels}.log"
@@ -185,8 +223,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"seed {seed} ({kernels}): the run failed (exit {done.returncode}); see {log}", flush=True)
                 continue
             print(f"seed {seed} ({kernels}): finished in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-        rows.append(summarise(run_dir, seed, kernels, oracle_iterations=args.oracle_iterations))
+        row = summarise(run_dir, seed, kernels, code=code, oracle_iterations=args.oracle_iterations)
+        rows.append(row)
         write_table(rows, root)
+        if record is not None:
+            from crossmoda_lib import io as cio
+
+            record.mkdir(parents=True, exist_ok=True)
+            cio.write_text_atomic(record / f"seed{seed}_{kernels}.json", json.dumps(row, indent=2) + "\n")
     return rows
 
 

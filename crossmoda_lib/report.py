@@ -142,7 +142,7 @@ SEED_COLUMNS = (
     "seed", "cpu_kernels", "split", "cases",
     "VS_Dice", "VS_ASSD", "Cochlea_Dice", "Cochlea_ASSD", "Cochlea_Dice_every_component", "Cochlea_ASSD_every_component",
     "London_VS_Dice", "Tilburg_VS_Dice", "London_Cochlea_Dice", "Tilburg_Cochlea_Dice",
-    "translation_score", "vs_band_dice", "draw", "wall_min",
+    "translation_score", "vs_band_dice", "draw", "wall_min", "commit", "code",
 )  # fmt: skip
 #: A run whose mean VS Dice is below this failed (the translation or the training did not find tumours).
 FAILED_VS_DICE = 0.5

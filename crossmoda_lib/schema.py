@@ -121,6 +121,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "n_epochs_decay": NON_NEGATIVE,
         "batch_size": AT_LEAST_1,
         "random_crop": NON_NEGATIVE,
+        "whole_epochs": NON_NEGATIVE,
         "log_every": AT_LEAST_1,
         "checkpoint_every": AT_LEAST_1,
         "draws": AT_LEAST_1,

@@ -77,6 +77,11 @@ class CycleGANConfig:
             implementation's ``resize_and_crop``: load 286, crop 256); None trains on whole slices.
             The generators are fully convolutional and translate whole slices either way; 72-px crops
             of 144x176 slices make an iteration about 2.5x cheaper on a CPU (the demo's budget).
+        whole_epochs: with ``random_crop``, the first ``whole_epochs`` epochs train on whole slices
+            and the crops start after them (0: crops from the first iteration). A crop of part of
+            ceT1's dark CSF cannot be told from dark temporal bone, which lets a draw stay caught
+            near the identity mapping; whole slices let every measured draw leave it
+            (docs/experiments.md), at 2.4x the time per iteration.
         flip: random horizontal flips.
         init_gain: standard deviation of the N(0, gain) weight initialisation.
         seed: initialisation and sampling seed.
@@ -103,6 +108,7 @@ class CycleGANConfig:
     n_epochs_decay: int = 100
     batch_size: int = 1
     random_crop: int | None = None
+    whole_epochs: int = 0
     flip: bool = True
     init_gain: float = 0.02
     seed: int = 0
@@ -124,6 +130,8 @@ class CycleGANConfig:
             raise ValueError(f"draws must be >= 1, not {self.draws}")
         if self.draws > 1 and not 1 <= self.draw_epochs <= self.n_epochs + self.n_epochs_decay:
             raise ValueError(f"draw_epochs must be between 1 and the {self.n_epochs + self.n_epochs_decay} epochs of training when draws > 1, not {self.draw_epochs}")
+        if self.whole_epochs < 0 or self.whole_epochs > self.n_epochs + self.n_epochs_decay:
+            raise ValueError(f"whole_epochs must be between 0 and the {self.n_epochs + self.n_epochs_decay} epochs of training, not {self.whole_epochs}")
         if self.n_blocks < 0 or self.n_epochs < 0 or self.n_epochs_decay < 0 or self.n_epochs + self.n_epochs_decay < 1:
             raise ValueError("n_blocks >= 0 and at least one epoch are required")
 
@@ -134,10 +142,17 @@ class CycleGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> CycleGANConfig:
-        """The inverse of :meth:`as_dict` (a checkpoint's or ``config.json``'s settings)."""
-        d = dict(d)
+        """The inverse of :meth:`as_dict` (a checkpoint's or ``config.json``'s settings); keys that
+        an older version did not write take their defaults (:meth:`complete`)."""
+        d = cls.complete(d)
         d["image_size"] = tuple(d["image_size"]) if d["image_size"] else None
         return cls(**d)
+
+    @classmethod
+    def complete(cls, d: dict) -> dict:
+        """Settings as written by :meth:`as_dict`, with the keys added since (``whole_epochs``) at
+        their defaults, which reproduce what the older version did."""
+        return {**cls().as_dict(), **d}
 
     def draw(self, k: int) -> CycleGANConfig:
         """The settings of draw ``k`` of the screen (:attr:`draws`): the same, with seed ``seed + 1000 k``."""
@@ -473,7 +488,7 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
     data_key = [list(slices_a.shape), list(slices_b.shape)]
     if ckpt_path.exists():
         saved = cio.load_checkpoint(ckpt_path)
-        if saved["config"] != cfg.as_dict() or saved["data_shapes"] != data_key:
+        if CycleGANConfig.complete(saved["config"]) != cfg.as_dict() or saved["data_shapes"] != data_key:
             raise ValueError(f"{ckpt_path}: checkpoint was made with other settings or data; delete it or use another output folder")
         nets.load_state_dict(saved["nets"])
         opt_g.load_state_dict(saved["opt_g"])
@@ -520,8 +535,9 @@ def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGAN
                 return nets, pd.DataFrame(state.history)
             idx = state.order[state.step_in_epoch * cfg.batch_size : (state.step_in_epoch + 1) * cfg.batch_size]
             idx_b = torch.randint(0, slices_b.shape[0], (len(idx),), generator=sampler)
-            real_a = _crop(_flip(slices_a[idx], sampler, cfg.flip), sampler, cfg.random_crop).to(device)
-            real_b = _crop(_flip(slices_b[idx_b], sampler, cfg.flip), sampler, cfg.random_crop).to(device)
+            crop = cfg.random_crop if state.epoch >= cfg.whole_epochs else None
+            real_a = _crop(_flip(slices_a[idx], sampler, cfg.flip), sampler, crop).to(device)
+            real_b = _crop(_flip(slices_b[idx_b], sampler, cfg.flip), sampler, crop).to(device)
             losses = train_step(nets, real_a, real_b, opt_g, opt_d, pool_a, pool_b, cfg)
             state.window.append([losses[k] for k in LOSS_NAMES])
             state.iteration += 1

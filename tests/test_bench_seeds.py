@@ -28,7 +28,7 @@ def _bench():
 @pytest.mark.notebook
 def test_bench_seeds_writes_the_seed_table_and_resumes(tmp_path):
     bench = _bench()
-    args = ["--profile", str(ROOT / "params" / "smoke.yaml"), "--seeds", "0", "--native-seeds", "--root", str(tmp_path), "--oracle-iterations", "25"]
+    args = ["--profile", str(ROOT / "params" / "smoke.yaml"), "--seeds", "0", "--native-seeds", "--root", str(tmp_path), "--oracle-iterations", "25", "--record", str(tmp_path / "record")]
     rows = bench.main(args)
     table = pd.read_csv(tmp_path / "seeds.csv")
     assert list(table.columns) == list(report.SEED_COLUMNS) and len(table) == 1 == len(rows)
@@ -55,11 +55,21 @@ def test_bench_seeds_writes_the_seed_table_and_resumes(tmp_path):
     # Resumes: a finished run is neither re-run nor re-scored.
     stamp = (run / "run_manifest.json").stat().st_mtime_ns
     assert bench.main(args) == rows and (run / "run_manifest.json").stat().st_mtime_ns == stamp
+    # The committed record: the same row with its code stamp. A checkout without the run folder
+    # takes it while the code is the same and runs the seed again once the code differs.
+    kept = json.loads((tmp_path / "record" / "seed0_avx2.json").read_text())
+    assert kept == rows[0] and kept["code"] == bench.code_stamp() and row.code == kept["code"] and len(row.commit) >= 7
+    assert bench.recorded(tmp_path / "record", 0, "avx2", bench.code_stamp()) == kept
+    assert bench.recorded(tmp_path / "record", 0, "avx2", "another") is None and bench.recorded(tmp_path / "record", 1, "avx2", kept["code"]) is None
+    import shutil
+
+    shutil.rmtree(run)
+    assert bench.main(args) == rows and not run.exists()
 
 
 def test_seed_summary_reports_median_worst_and_failures():
     rng = np.random.default_rng(0)
-    table = pd.DataFrame({c: rng.random(6) for c in report.SEED_COLUMNS if c not in ("seed", "cpu_kernels", "split")})
+    table = pd.DataFrame({c: rng.random(6) for c in report.SEED_COLUMNS if c not in ("seed", "cpu_kernels", "split", "commit", "code")})
     table["seed"] = [0, 1, 2, 3, 4, 0]
     table["cpu_kernels"] = ["avx2"] * 5 + ["native"]
     table["split"] = "test"

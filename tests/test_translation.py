@@ -189,6 +189,44 @@ def test_random_crops_are_windows_of_the_slice_and_translation_stays_whole(tmp_p
         assert nets.G_A.eval()(a[:2]).shape == a[:2].shape
 
 
+def test_whole_slices_come_first_then_the_crops(tmp_path, monkeypatch):
+    """``whole_epochs``: whole slices for the first epochs, random crops after; resumption across the
+    switch is exact; with every epoch whole the crops never happen (the same networks as no crop)."""
+    a, b = _toy_domains()  # 16 slices per epoch (batch 1)
+    base = {**TOY.as_dict(), "image_size": None, "random_crop": 24, "n_epochs": 2, "n_epochs_decay": 1}
+    seen = []
+    real_step = tr.train_step
+
+    def recording(nets, real_a, real_b, *rest):
+        seen.append((tuple(real_a.shape[-2:]), tuple(real_b.shape[-2:])))
+        return real_step(nets, real_a, real_b, *rest)
+
+    monkeypatch.setattr(tr, "train_step", recording)
+    cfg = tr.CycleGANConfig(**{**base, "whole_epochs": 1})
+    straight, _ = tr.train_cyclegan(a, b, cfg, tmp_path / "straight", progress=False)
+    assert seen == [((32, 32), (32, 32))] * 16 + [((24, 24), (24, 24))] * 32
+    tr.train_cyclegan(a, b, cfg, tmp_path / "resumed", stop_after=11, progress=False)  # inside the whole epoch
+    resumed, _ = tr.train_cyclegan(a, b, cfg, tmp_path / "resumed", progress=False)
+    for key, value in straight.G_A.state_dict().items():
+        assert torch.equal(value, resumed.G_A.state_dict()[key]), key
+    every = tr.CycleGANConfig(**{**base, "whole_epochs": 3})
+    uncropped = tr.CycleGANConfig(**{**base, "random_crop": None})
+    g1, _ = tr.train_cyclegan(a, b, every, tmp_path / "every", progress=False)
+    g2, _ = tr.train_cyclegan(a, b, uncropped, tmp_path / "uncropped", progress=False)
+    for key, value in g1.G_A.state_dict().items():
+        assert torch.equal(value, g2.G_A.state_dict()[key]), key
+    with pytest.raises(ValueError, match="whole_epochs"):
+        tr.CycleGANConfig(**{**base, "whole_epochs": 4})
+    # A checkpoint written before the setting existed resumes as crops from the start.
+    old = tr.CycleGANConfig(**{**base, "whole_epochs": 0})
+    tr.train_cyclegan(a, b, old, tmp_path / "old", stop_after=5, progress=False)
+    saved = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    del saved["config"]["whole_epochs"]
+    torch.save(saved, tmp_path / "old" / "checkpoint.pt")
+    tr.train_cyclegan(a, b, old, tmp_path / "old", progress=False)
+    assert tr.CycleGANConfig.from_dict({k: v for k, v in old.as_dict().items() if k != "whole_epochs"}) == old
+
+
 def test_settings_survive_their_json_form():
     import json
 
