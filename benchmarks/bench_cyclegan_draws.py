@@ -134,7 +134,14 @@ def draw(run: str, settings: dict, centres: list, min_anatomy_fraction: float, o
         torch.save(nets.G_A.state_dict(), out_path / f"G_A_epoch{epoch}.pt")  # for criteria tried later
     nets, history, _ = tr.train_stage(stage01, out_path, cfg, centres, min_anatomy_fraction=min_anatomy_fraction, progress=False)
     seconds = time.perf_counter() - t0
-    result = {"capability": torch.backends.cpu.get_cpu_capability(), "train_s": seconds, "iterations": int(history.iteration.iloc[-1]) if len(history) else 0, "screen_epochs": screen_epochs, "checkpoints": checkpoints, **scores(nets.G_A, run_path, cfg, net, ocfg, btq)}
+    result = {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "train_s": seconds,
+        "iterations": int(history.iteration.iloc[-1]) if len(history) else 0,
+        "screen_epochs": screen_epochs,
+        "checkpoints": checkpoints,
+        **scores(nets.G_A, run_path, cfg, net, ocfg, btq),
+    }
     from crossmoda_lib import io as cio
 
     cio.write_text_atomic(saved, json.dumps(result, indent=2) + "\n")
@@ -207,8 +214,13 @@ def main() -> None:
         print(f"  seed {seed} ({kernels}): translation score {result['vs_oracle']:.3f} after {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\n{'seed':>4} {'kernels':>8} {'cpu':>8} {'train s':>8} {'iter':>6} {'vs_oracle':>10} {'vs_level':>9} {'vs_contrast':>12} {'cochlea_contrast':>17}  per-case vs_oracle")
     for r in results:
-        print(f"{r['seed']:>4} {r['kernels']:>8} {r['capability']:>8} {r['train_s']:>8.0f} {r['iterations']:>6} {r['vs_oracle']:>10.3f} {r['vs_level']:>9.2f} {r['vs_contrast']:>12.3f} {r['cochlea_contrast']:>17.3f}  {r['per_case_vs_oracle']}")
-    print(f"{'real hrT2':>31} {'':>6} {ref['vs_oracle']:>10.3f} {ref['vs_level']:>9.2f} {ref['vs_contrast']:>12.3f} {ref['cochlea_contrast']:>17.3f}  (oracle: {ref['n']} validation hrT2, the ceiling)")
+        print(
+            f"{r['seed']:>4} {r['kernels']:>8} {r['capability']:>8} {r['train_s']:>8.0f} {r['iterations']:>6} {r['vs_oracle']:>10.3f} "
+            f"{r['vs_level']:>9.2f} {r['vs_contrast']:>12.3f} {r['cochlea_contrast']:>17.3f}  {r['per_case_vs_oracle']}"
+        )
+    print(
+        f"{'real hrT2':>31} {'':>6} {ref['vs_oracle']:>10.3f} {ref['vs_level']:>9.2f} {ref['vs_contrast']:>12.3f} {ref['cochlea_contrast']:>17.3f}  (oracle: {ref['n']} validation hrT2, the ceiling)"
+    )
     if args.screen_epochs:
         print("\nthe draw gate's criterion (vs_band_dice: real hrT2 about 0.65, identity 0) / vs_csf_contrast / the translation score, per epoch:")
         print(f"{'seed':>6} " + " ".join(f"{'epoch ' + str(c['epoch']):>20}" for c in results[0]["checkpoints"]) + f" {'end':>20}")
@@ -216,7 +228,11 @@ def main() -> None:
             cells = [f"{c.get('vs_band_dice', float('nan')):.2f} / {c['vs_csf_contrast']:+.2f} / {c['vs_oracle']:.2f}" for c in r["checkpoints"] + [r]]
             print(f"{r['seed']:>6} " + " ".join(f"{c:>20}" for c in cells))
         out_csv = root / "screen.csv"
-        flat = [{"seed": r["seed"], "kernels": r["kernels"], "epoch": c["epoch"], **{k: v for k, v in c.items() if k != "per_case_vs_oracle"}} for r in results for c in r["checkpoints"] + [{"epoch": "end", **{k: r.get(k) for k in ("vs_oracle", "vs_contrast", "cochlea_contrast", "vs_level", "vs_csf_contrast", "vs_band_dice")}}]]
+        flat = [
+            {"seed": r["seed"], "kernels": r["kernels"], "epoch": c["epoch"], **{k: v for k, v in c.items() if k != "per_case_vs_oracle"}}
+            for r in results
+            for c in r["checkpoints"] + [{"epoch": "end", **{k: r.get(k) for k in ("vs_oracle", "vs_contrast", "cochlea_contrast", "vs_level", "vs_csf_contrast", "vs_band_dice")}}]
+        ]
         import pandas as pd
 
         pd.DataFrame(flat).to_csv(out_csv, index=False)

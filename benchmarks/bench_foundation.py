@@ -94,7 +94,7 @@ def main() -> None:
         print(f"validation (head): {1000 * (time.perf_counter() - t0) / len(head_paths):.0f} ms/file")
 
         roi_paths = [p for p in files if p.parent.name in ("training_source", "training_target", "validation") and "_Label" not in p.name]
-        print("\nstage 01 per case (image only, mean over cases of best-of-%d; lattice = the whole volume at 0.6 mm):" % args.repeats)
+        print(f"\nstage 01 per case (image only, mean over cases of best-of-{args.repeats}; lattice = the whole volume at 0.6 mm):")
         print(f"{'fov':<6}{'crop':>9}{'voxels lattice/crop':>21}{'resample: direct':>18}{'lattice+cut':>13}{'ratio':>7}{'  | case: direct':>16}{'two-step':>10}{'ratio':>7}")
         for name, paths, crop in (("roi", roi_paths, (176, 144)), ("head", head_paths, (256, 256))):
             cfg = pp.PreprocessConfig(crop_size=crop)

@@ -59,7 +59,10 @@ from crossmoda_lib import segmentation as seg
 from crossmoda_lib.volumes import VolumeStore
 folder, mode, iterations, out = Path({folder!r}), {mode!r}, {iterations}, Path({out!r})
 pairs = [seg.Pair(p.name.split("_hrT2")[0], p, p.with_name(p.name.replace("_hrT2", "_Label"))) for p in sorted(folder.glob("*_hrT2.nii.gz"))]
-cfg = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=(24, 80, 80), base_filters=8, max_filters=320, batch_size=2, epochs=1, iterations_per_epoch=iterations, val_every=0, mirror_tta=False, optimizer="adam", lr=3e-3)
+cfg = seg.SegConfig(
+    spacing=(1.0, 0.6, 0.6), patch_size=(24, 80, 80), base_filters=8, max_filters=320, batch_size=2,
+    epochs=1, iterations_per_epoch=iterations, val_every=0, mirror_tta=False, optimizer="adam", lr=3e-3,
+)
 t0 = time.perf_counter()
 if mode == "memory":
     cases = [seg.load_case(p.image, p.label, 1) for p in pairs]

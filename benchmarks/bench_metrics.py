@@ -64,7 +64,10 @@ def main() -> None:
                 size = "x".join(str(v) for v in truth.shape[::-1])
                 print(f"{path.name[:24]:24} {name:9} {size:>13} {s_crop:8.4f} {s_full:8.3f} {s_monai:8.3f} {v_crop:10.5f} {v_full:10.5f} {pooled:8.5f} {v_monai:8.5f}")
         full_r, monai_r = np.array(ratios).T
-        print(f"cropped is x{full_r.mean():.0f} faster than the full volume and x{monai_r.mean():.0f} faster than MONAI (means over cases); cropped == full volume: exact by construction, checked in tests")
+        print(
+            f"cropped is x{full_r.mean():.0f} faster than the full volume and x{monai_r.mean():.0f} faster than MONAI (means over cases); "
+            "cropped == full volume: exact by construction, checked in tests"
+        )
 
 
 if __name__ == "__main__":

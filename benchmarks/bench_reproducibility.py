@@ -77,7 +77,9 @@ def train(run: str, iterations: int, threads: int, queue) -> None:
         seconds = time.perf_counter() - t0
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in nets.G_A.state_dict().values())).hexdigest()[:12]
     last = history.iloc[-1]
-    queue.put(dict(capability=torch.backends.cpu.get_cpu_capability(), threads=threads, s_per_iter=seconds / iterations, G_A=float(last.G_A), cycle_A=float(last.cycle_A), D_A=float(last.D_A), digest=digest))
+    queue.put(
+        dict(capability=torch.backends.cpu.get_cpu_capability(), threads=threads, s_per_iter=seconds / iterations, G_A=float(last.G_A), cycle_A=float(last.cycle_A), D_A=float(last.D_A), digest=digest)
+    )
 
 
 def main() -> None:

@@ -86,7 +86,12 @@ def code_stamp(root: Path = ROOT) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    files = [*sorted((root / "crossmoda_lib").rglob("*.py")), *sorted((root / "crossmoda_lib" / "reference").glob("*")), *sorted((root / "notebooks").glob("*.ipynb")), *sorted((root / "params").rglob("*.yaml"))]
+    files = [
+        *sorted((root / "crossmoda_lib").rglob("*.py")),
+        *sorted((root / "crossmoda_lib" / "reference").glob("*")),
+        *sorted((root / "notebooks").glob("*.ipynb")),
+        *sorted((root / "params").rglob("*.yaml")),
+    ]
     for path in files:
         if path.is_file():
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -160,7 +165,18 @@ def summarise(run_dir: Path, seed: int, kernels: str, *, code: str, oracle_itera
     every = metrics.evaluate_folders(predictions, truth, list(scores.Case))
     cyclegan = json.loads((run_dir / "02_cyclegan" / "manifest.json").read_text())
     wall = sum(n["wall_s"] for n in manifest["notebooks"] if n["status"] == "ok") / 60.0
-    row = report.seed_row(scores, every, seed=seed, cpu_kernels=kernels, split=split, draw=cyclegan.get("draw", 0), wall_min=round(wall, 1), commit=manifest.get("git_commit", "unknown"), code=code, **translation_scores(run_dir, oracle_iterations))
+    row = report.seed_row(
+        scores,
+        every,
+        seed=seed,
+        cpu_kernels=kernels,
+        split=split,
+        draw=cyclegan.get("draw", 0),
+        wall_min=round(wall, 1),
+        commit=manifest.get("git_commit", "unknown"),
+        code=code,
+        **translation_scores(run_dir, oracle_iterations),
+    )
     from crossmoda_lib import io as cio
 
     cio.write_text_atomic(saved, json.dumps(row, indent=2) + "\n")

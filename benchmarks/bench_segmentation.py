@@ -90,7 +90,21 @@ def measure(name: str, layout: str, iterations: int, device: str, queue) -> None
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     params = sum(p.numel() for p in net.parameters())
-    queue.put(dict(setting=name, layout=layout, patch="x".join(map(str, patch)), params=params, step_s=step_s, peak_mib=peak_mib, gpu_mib=gpu_mib, infer_s=infer_s, infer_tta_s=infer_tta_s, epoch_s=step_s * s["iterations"], training_h=step_s * s["iterations"] * s["epochs"] / 3600))
+    queue.put(
+        dict(
+            setting=name,
+            layout=layout,
+            patch="x".join(map(str, patch)),
+            params=params,
+            step_s=step_s,
+            peak_mib=peak_mib,
+            gpu_mib=gpu_mib,
+            infer_s=infer_s,
+            infer_tta_s=infer_tta_s,
+            epoch_s=step_s * s["iterations"],
+            training_h=step_s * s["iterations"] * s["epochs"] / 3600,
+        )
+    )
 
 
 def compare_workers(iterations: int) -> None:
@@ -102,7 +116,18 @@ def compare_workers(iterations: int) -> None:
     import SimpleITK as sitk
 
     s = SETTINGS["demo"]
-    cfg = seg.SegConfig(spacing=(1.0, 0.6, 0.6), patch_size=s["patch_size"], base_filters=s["base_filters"], batch_size=s["batch_size"], epochs=2, iterations_per_epoch=max(1, iterations // 2), optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+    cfg = seg.SegConfig(
+        spacing=(1.0, 0.6, 0.6),
+        patch_size=s["patch_size"],
+        base_filters=s["base_filters"],
+        batch_size=s["batch_size"],
+        epochs=2,
+        iterations_per_epoch=max(1, iterations // 2),
+        optimizer="adam",
+        lr=1e-3,
+        val_every=0,
+        mirror_tta=False,
+    )
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -153,7 +178,10 @@ def main() -> None:
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; volumes: stage-01 size of each profile (paper 256x256x80)")
     print(f"{'setting':8} {'layout':>13} {'patch':>11} {'params':>10} {'s/iter':>8} {'peak MiB':>9} {'GPU MiB':>8} {'infer s':>8} {'infer+TTA s':>12} {'s/epoch':>9} {'training h':>11}")
     for r in rows:
-        print(f"{r['setting']:8} {r['layout']:>13} {r['patch']:>11} {r['params']:>10,} {r['step_s']:8.3f} {r['peak_mib']:9.0f} {r['gpu_mib']:8.0f} {r['infer_s']:8.2f} {r['infer_tta_s']:12.2f} {r['epoch_s']:9.1f} {r['training_h']:11.2f}")
+        print(
+            f"{r['setting']:8} {r['layout']:>13} {r['patch']:>11} {r['params']:>10,} {r['step_s']:8.3f} "
+            f"{r['peak_mib']:9.0f} {r['gpu_mib']:8.0f} {r['infer_s']:8.2f} {r['infer_tta_s']:12.2f} {r['epoch_s']:9.1f} {r['training_h']:11.2f}"
+        )
     first = [r for r in rows if r["layout"] == args.layouts[0]]
     base = first[0]
     print("ratios to " + base["setting"] + ": " + ", ".join(f"{r['setting']} step x{r['step_s'] / base['step_s']:.1f}, inference x{r['infer_s'] / base['infer_s']:.1f}" for r in first[1:]))

@@ -51,7 +51,9 @@ def oracle_config(stage01: Path, iterations: int = 250) -> seg.SegConfig:
     """The oracle's settings: the demo's VS network, Adam, ``iterations`` (a multiple of 25) on the
     real hrT2's own spacing."""
     spacing = sitk.ReadImage(str(next((stage01 / "target").glob("*_hrT2.nii.gz")))).GetSpacing()[::-1]
-    return seg.SegConfig(spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=iterations // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False)
+    return seg.SegConfig(
+        spacing=tuple(round(s, 4) for s in spacing), patch_size=(24, 80, 80), base_filters=8, epochs=iterations // 25, iterations_per_epoch=25, optimizer="adam", lr=1e-3, val_every=0, mirror_tta=False
+    )
 
 
 def score(net, cfg: seg.SegConfig, cases: list[seg.Case], structure: str) -> list[float]:

@@ -242,7 +242,18 @@ def case_table(folder: Path | str, pattern: str = "*_pseudoT2.nii.gz") -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def blend_stage(stage03: Path | str, model: sg.SinGANModel, out_dir: Path | str, rules: tuple[BlendRule, ...] | list[BlendRule], seed: int, *, sources: dict[str, str] | None = None, dilation_px: int = 7, blur_sigma_px: float = 5.0, progress: bool = True) -> pd.DataFrame:
+def blend_stage(
+    stage03: Path | str,
+    model: sg.SinGANModel,
+    out_dir: Path | str,
+    rules: tuple[BlendRule, ...] | list[BlendRule],
+    seed: int,
+    *,
+    sources: dict[str, str] | None = None,
+    dilation_px: int = 7,
+    blur_sigma_px: float = 5.0,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Stage 05: select, augment and write volumes; returns (and writes) ``augmentations.csv``.
 
     Args:
@@ -281,7 +292,21 @@ def blend_stage(stage03: Path | str, model: sg.SinGANModel, out_dir: Path | str,
         out_path = out_dir / "augmented" / f"{name}_pseudoT2.nii.gz"
         cio.write_image(blend_volume(image, label, params, model), out_path)
         cio.write_bytes_atomic(out_dir / "augmented" / f"{name}_Label.nii.gz", label_path.read_bytes())
-        rows.append({"case": row["case"], "centre": row["centre"], "rule": row["rule"], "structure": params.structure, "lambda": params.lam, "start_scale": params.start_scale, "seed": params.seed, "volume_mm3": round(row["volume_mm3"], 2), "std": round(row["std"], 5), "source": sources[params.structure], "file": f"augmented/{out_path.name}"})
+        rows.append(
+            {
+                "case": row["case"],
+                "centre": row["centre"],
+                "rule": row["rule"],
+                "structure": params.structure,
+                "lambda": params.lam,
+                "start_scale": params.start_scale,
+                "seed": params.seed,
+                "volume_mm3": round(row["volume_mm3"], 2),
+                "std": round(row["std"], 5),
+                "source": sources[params.structure],
+                "file": f"augmented/{out_path.name}",
+            }
+        )
     table = pd.DataFrame(rows, columns=["case", "centre", "rule", "structure", "lambda", "start_scale", "seed", "volume_mm3", "std", "source", "file"])
     cio.write_text_atomic(out_dir / "augmentations.csv", table.to_csv(index=False))
     # Volumes of an earlier run with other rules would otherwise stay beside this run's.
@@ -293,7 +318,16 @@ def blend_stage(stage03: Path | str, model: sg.SinGANModel, out_dir: Path | str,
     cio.write_text_atomic(out_dir / "roi_statistics.csv", stats.to_csv(index=False))
     from crossmoda_lib import __version__
 
-    manifest = {"stage": "05_tumor_blending", "library_version": __version__, "seed": seed, "rules": [asdict(r) for r in rules], "sources": sources, "dilation_px": dilation_px, "blur_sigma_px": blur_sigma_px, "n_augmented": len(rows)}
+    manifest = {
+        "stage": "05_tumor_blending",
+        "library_version": __version__,
+        "seed": seed,
+        "rules": [asdict(r) for r in rules],
+        "sources": sources,
+        "dilation_px": dilation_px,
+        "blur_sigma_px": blur_sigma_px,
+        "n_augmented": len(rows),
+    }
     cio.write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return table
 
@@ -322,7 +356,9 @@ def figure3_rows(stage05: Path | str, stage03: Path | str, table: pd.DataFrame, 
         naive = naive_volume(image, label, structure, float(row["lambda"]))[z]
         blended = sitk.GetArrayFromImage(sitk.ReadImage(str(stage05 / row["file"])))[z]
         title = f"{structure.upper() if structure == 'vs' else 'cochlea'}\n{row['case']}"
-        rows.append((title, [("original pseudo-hrT2", original[y0:y1, x0:x1]), (f"naive x {row['lambda']:g}", naive[y0:y1, x0:x1]), (f"harmonized (start scale {row['start_scale']})", blended[y0:y1, x0:x1])]))
+        rows.append(
+            (title, [("original pseudo-hrT2", original[y0:y1, x0:x1]), (f"naive x {row['lambda']:g}", naive[y0:y1, x0:x1]), (f"harmonized (start scale {row['start_scale']})", blended[y0:y1, x0:x1])])
+        )
     return rows
 
 
@@ -354,7 +390,18 @@ def level_table(stage05: Path | str, stage03: Path | str, table: pd.DataFrame) -
             cache[key] = (label, structure_levels(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{row['case']}_pseudoT2.nii.gz"))), label))
         label, before = cache[key]
         after = structure_levels(sitk.GetArrayFromImage(sitk.ReadImage(str(stage05 / row["file"]))), label)
-        rows.append({"case": row["case"], "structure": row["structure"], "lambda": row["lambda"], "start_scale": row["start_scale"], "level_before": before["level"], "level_after": after["level"], "contrast_before": before["contrast"], "contrast_after": after["contrast"]})
+        rows.append(
+            {
+                "case": row["case"],
+                "structure": row["structure"],
+                "lambda": row["lambda"],
+                "start_scale": row["start_scale"],
+                "level_before": before["level"],
+                "level_after": after["level"],
+                "contrast_before": before["contrast"],
+                "contrast_after": after["contrast"],
+            }
+        )
     return pd.DataFrame(rows, columns=["case", "structure", "lambda", "start_scale", "level_before", "level_after", "contrast_before", "contrast_after"])
 
 

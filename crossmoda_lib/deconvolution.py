@@ -144,7 +144,9 @@ def van_cittert(y: np.ndarray, sigma_zyx: np.ndarray, iterations: int = 15, beta
     return scipy.fft.idctn(coeffs, type=2, norm="ortho", workers=workers, overwrite_x=True)
 
 
-def deconvolve_image(image: sitk.Image, psf_mm: tuple[float, float, float], iterations: int = 15, *, psf_is: str = "fwhm", beta: float = 1.0, clip: tuple[float, float] | None = (0.0, 1.0)) -> sitk.Image:
+def deconvolve_image(
+    image: sitk.Image, psf_mm: tuple[float, float, float], iterations: int = 15, *, psf_is: str = "fwhm", beta: float = 1.0, clip: tuple[float, float] | None = (0.0, 1.0)
+) -> sitk.Image:
     """Van Cittert-sharpen a volume with a Gaussian PSF given in mm; geometry is kept.
 
     Args:
@@ -165,7 +167,17 @@ def deconvolve_image(image: sitk.Image, psf_mm: tuple[float, float, float], iter
     return result
 
 
-def deconvolve_folder(in_dir: Path | str, out_dir: Path | str, psf_mm: tuple[float, float, float], iterations: int = 15, *, pattern: str = "*_pseudoT2.nii.gz", psf_is: str = "fwhm", beta: float = 1.0, copy_labels: bool = True) -> list[Path]:
+def deconvolve_folder(
+    in_dir: Path | str,
+    out_dir: Path | str,
+    psf_mm: tuple[float, float, float],
+    iterations: int = 15,
+    *,
+    pattern: str = "*_pseudoT2.nii.gz",
+    psf_is: str = "fwhm",
+    beta: float = 1.0,
+    copy_labels: bool = True,
+) -> list[Path]:
     """Van Cittert-sharpen every volume of a folder (labels copied alongside); returns the outputs."""
     from crossmoda_lib import io as cio
 

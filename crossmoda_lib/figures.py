@@ -120,7 +120,12 @@ def before_after(original: sitk.Image, original_label: sitk.Image | None, proces
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.6))
     show_slice(axes[0], original, original_label, z, f"{title}: original {_grid_text(original)}")
     show_slice(axes[1], processed, processed_label, z, f"preprocessed {_grid_text(processed)}")
-    corners = np.array([processed.TransformContinuousIndexToPhysicalPoint([i, j, 0]) for i, j in ((-0.5, -0.5), (processed.GetSize()[0] - 0.5, -0.5), (processed.GetSize()[0] - 0.5, processed.GetSize()[1] - 0.5), (-0.5, processed.GetSize()[1] - 0.5), (-0.5, -0.5))])
+    corners = np.array(
+        [
+            processed.TransformContinuousIndexToPhysicalPoint([i, j, 0])
+            for i, j in ((-0.5, -0.5), (processed.GetSize()[0] - 0.5, -0.5), (processed.GetSize()[0] - 0.5, processed.GetSize()[1] - 0.5), (-0.5, processed.GetSize()[1] - 0.5), (-0.5, -0.5))
+        ]
+    )
     axes[0].plot(corners[:, 0], corners[:, 1], color="#4fc3f7", lw=1.2, label="crop")
     axes[0].legend(loc="lower right", fontsize=7)
     xlims = [ax.get_xlim() for ax in axes]

@@ -147,7 +147,17 @@ def label_image(array: np.ndarray, grid: pp.Lattice | sitk.Image) -> sitk.Image:
     return out
 
 
-def segment(original: sitk.Image, vs: Ensemble, cochlea: Ensemble, pre: pp.PreprocessConfig, grids: list[pp.Lattice | sitk.Image] | None = None, *, keep_largest_vs: bool = True, cochlea_components: int = 0, report: dict | None = None) -> list[sitk.Image]:
+def segment(
+    original: sitk.Image,
+    vs: Ensemble,
+    cochlea: Ensemble,
+    pre: pp.PreprocessConfig,
+    grids: list[pp.Lattice | sitk.Image] | None = None,
+    *,
+    keep_largest_vs: bool = True,
+    cochlea_components: int = 0,
+    report: dict | None = None,
+) -> list[sitk.Image]:
     """Label images of one original hrT2 on each of ``grids`` (default: the original grid only);
     post-processing as :func:`compose_label`. ``report``, when given, receives
     :func:`cochlea_report` of the first grid: what the cochlea post-processing removed."""
@@ -191,7 +201,17 @@ class Bundle:
     cochlea_components: int = 0
 
 
-def write_bundle(out_dir: Path | str, preprocess: pp.PreprocessConfig, vs_dir: Path | str, cochlea_dir: Path | str, *, cochlea_sharpen: Sharpening | None, keep_largest_vs: bool = True, cochlea_components: int = 0, extra: dict | None = None) -> Path:
+def write_bundle(
+    out_dir: Path | str,
+    preprocess: pp.PreprocessConfig,
+    vs_dir: Path | str,
+    cochlea_dir: Path | str,
+    *,
+    cochlea_sharpen: Sharpening | None,
+    keep_largest_vs: bool = True,
+    cochlea_components: int = 0,
+    extra: dict | None = None,
+) -> Path:
     """Write ``inference.json`` into ``out_dir``; model folders are stored relative to it."""
     import os
 
@@ -353,5 +373,15 @@ def predict_folder(in_dir: Path | str, out_dir: Path | str, models_dir: Path | s
             made[target.name] = source
             cio.write_text_atomic(record_path, json.dumps(made, indent=1, sort_keys=True) + "\n")
             arr = sitk.GetArrayViewFromImage(label)
-            rows.append({"image": path.name, "label": target.name, "seconds": round(time.perf_counter() - t0, 2), "status": "written", "vs_voxels": int((arr == 1).sum()), "cochlea_voxels": int((arr == 2).sum()), **report})
+            rows.append(
+                {
+                    "image": path.name,
+                    "label": target.name,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "status": "written",
+                    "vs_voxels": int((arr == 1).sum()),
+                    "cochlea_voxels": int((arr == 2).sum()),
+                    **report,
+                }
+            )
     return rows

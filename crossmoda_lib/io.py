@@ -215,11 +215,11 @@ def read_gzip_checked(path: Path) -> bytes:
             while chunk := fh.read(_GZIP_CHUNK):
                 chunks.append(chunk)
     except EOFError:
-        raise DataError(f"{path}: truncated gzip stream (the file ends before the gzip trailer)")
+        raise DataError(f"{path}: truncated gzip stream (the file ends before the gzip trailer)") from None
     except gzip.BadGzipFile as exc:
-        raise DataError(f"{path}: corrupt gzip ({exc})")
+        raise DataError(f"{path}: corrupt gzip ({exc})") from exc
     except (zlib.error, OSError) as exc:
-        raise DataError(f"{path}: corrupt gzip ({exc})")
+        raise DataError(f"{path}: corrupt gzip ({exc})") from exc
     return b"".join(chunks)
 
 
@@ -593,7 +593,7 @@ class folder_lock:
     def __init__(self, folder: Path | str, what: str = "a run", *, name: str = ".lock", wait: bool = False) -> None:
         self.folder, self.what, self.name, self.wait, self.fh = Path(folder), what, name, wait, None
 
-    def __enter__(self) -> "folder_lock":
+    def __enter__(self) -> folder_lock:
         import fcntl
         import json as _json
         import sys
@@ -814,7 +814,8 @@ def save_torch_atomic(path: Path | str, payload: object) -> Path:
             with zipfile.ZipFile(tmp) as archive:  # torch's format: every member's CRC is checked
                 bad = archive.testzip()
         except (OSError, RuntimeError, zipfile.BadZipFile) as exc:
-            raise WriteError(f"{path}: writing the checkpoint failed ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}); is the disk full? The previous checkpoint is untouched") from exc
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise WriteError(f"{path}: writing the checkpoint failed ({reason}); is the disk full? The previous checkpoint is untouched") from exc
         if bad is not None:
             raise WriteError(f"{path}: the checkpoint was written corrupt (member {bad}); the previous one is untouched")
     return path

@@ -169,7 +169,7 @@ def evaluate_folders(pred_dir: Path | str, truth_dir: Path | str, cases: list[st
     if missing:
         raise cio.DataError(f"{pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing)}")
     images, problems = {}, []
-    for case, path in [*truths.items(), *((c, preds[c]) for c in truths)]:
+    for _case, path in [*truths.items(), *((c, preds[c]) for c in truths)]:
         image, found = cio.check_image_file(path, is_label=True)
         problems += [p for p in found if p.fatal]
         images[path] = image

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from crossmoda_lib import config, devices
@@ -107,7 +107,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
             "versions": config.versions(),
             "machine": {**config.machine(), **kernel_env, **devices.describe(device)},
             "git_commit": config.git_commit(root),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "notebooks": [],
         }
         # The notebooks run the pinned kernels, whatever this process computes with.
@@ -139,7 +139,7 @@ def run_profile(profile_path: Path | str, notebooks: list[str] | None = None, *,
             entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 2))
             manifest["notebooks"].append(entry)
             save()
-        manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         save()
         return manifest
 
@@ -266,7 +266,9 @@ def _reuse_stages(profile: dict, plan: list, out_root: Path, root: Path) -> dict
     theirs = machine.get("cpu_kernels") or ("avx2" if machine.get("ATEN_CPU_CAPABILITY") == "avx2" else "native")
     ours = kernels_label(profile["common"]["cpu_kernels"])
     if theirs != ours:
-        raise config.ProfileError(f"{profile['path']}: reuse.from {source} ran with cpu_kernels {theirs}, this profile with {ours}: its stages would be another draw; re-run that profile, or set common.cpu_kernels to match")
+        raise config.ProfileError(
+            f"{profile['path']}: reuse.from {source} ran with cpu_kernels {theirs}, this profile with {ours}: its stages would be another draw; re-run that profile, or set common.cpu_kernels to match"
+        )
     done = {Path(e["notebook"]).stem: e for e in source_manifest["notebooks"] if e["status"] == "ok"}
     wanted = {nb.stem: params for nb, params in plan}
     reused = {}

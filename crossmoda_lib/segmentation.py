@@ -39,9 +39,8 @@ import pandas as pd
 import SimpleITK as sitk
 import torch
 
-from crossmoda_lib import devices
+from crossmoda_lib import devices, metrics
 from crossmoda_lib import io as cio
-from crossmoda_lib import metrics
 
 # --------------------------------------------------------------------------------------------------
 # Planning
@@ -352,7 +351,10 @@ def make_loss():
     return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
-def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None, progress: bool = True, device: str | torch.device = "cpu", init_from: Path | str | None = None) -> tuple[torch.nn.Module, pd.DataFrame]:
+def train(
+    cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Path | str, *, stop_after_epoch: int | None = None,
+    progress: bool = True, device: str | torch.device = "cpu", init_from: Path | str | None = None,
+) -> tuple[torch.nn.Module, pd.DataFrame]:
     """Train (or resume, or reuse) one binary model; ``checkpoint.pt`` and ``history.csv`` in ``out_dir``.
 
     Args:
@@ -405,7 +407,21 @@ def train(cases: list[Case], val_cases: list[Case], cfg: SegConfig, out_dir: Pat
         torch.manual_seed(cfg.seed + 2)
 
     def checkpoint() -> None:
-        cio.save_torch_atomic(ckpt_path, {"key": key, "net": net.state_dict(), "opt": opt.state_dict(), "sampler": sampler.rng.bit_generator.state, "augment": _transform_state(augment), "torch": torch.get_rng_state(), "epoch": epoch, "history": history, "finished": finished, "plan": asdict(plan)})
+        cio.save_torch_atomic(
+            ckpt_path,
+            {
+                "key": key,
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "sampler": sampler.rng.bit_generator.state,
+                "augment": _transform_state(augment),
+                "torch": torch.get_rng_state(),
+                "epoch": epoch,
+                "history": history,
+                "finished": finished,
+                "plan": asdict(plan),
+            },
+        )
 
     bar = tqdm(total=cfg.epochs, initial=epoch, desc=f"06 training {out_dir.name}", disable=not progress or finished)
     while not finished and epoch < cfg.epochs:
@@ -682,7 +698,15 @@ def _train_fold(task: _FoldTask, progress: bool = True) -> dict:
     device = _WORKER_DEVICE or task.device
     _, history = train(train_cases, val_cases, task.cfg, task.out_dir, progress=progress, device=device, init_from=task.init_from)
     has_val = "val_dice" in history and history.val_dice.notna().any()
-    return {"structure": task.structure, "fold": task.fold, "device": device, "train_volumes": len(task.train_pairs), "val_volumes": len(task.val_pairs), "final_loss": history.loss.iloc[-1], "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan")}
+    return {
+        "structure": task.structure,
+        "fold": task.fold,
+        "device": device,
+        "train_volumes": len(task.train_pairs),
+        "val_volumes": len(task.val_pairs),
+        "final_loss": history.loss.iloc[-1],
+        "val_dice": history.val_dice.dropna().iloc[-1] if has_val else float("nan"),
+    }
 
 
 def volume_cache(fold_dir: Path | str) -> Path:
@@ -788,7 +812,18 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
     tables, remaining = [], iter(rows)
     for job, group in zip(jobs, per_job):
         table = pd.DataFrame([next(remaining) for _ in group])
-        save_manifest(job.out_dir, {"structure": job.structure, "folds": job.folds, "settings": job.cfg.as_dict(), "init_from": None if job.init_from is None else str(job.init_from), "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in job.pairs], "clip_percentile": job.clip_percentile, "summary": table.to_dict("records")})
+        save_manifest(
+            job.out_dir,
+            {
+                "structure": job.structure,
+                "folds": job.folds,
+                "settings": job.cfg.as_dict(),
+                "init_from": None if job.init_from is None else str(job.init_from),
+                "training_pairs": [[p.case, str(p.image), str(p.label), p.augmented, p.real] for p in job.pairs],
+                "clip_percentile": job.clip_percentile,
+                "summary": table.to_dict("records"),
+            },
+        )
         tables.append(table)
     import shutil
 
@@ -797,7 +832,9 @@ def train_structures(jobs: list[StructureJob], *, workers: int = 1, progress: bo
     return tables
 
 
-def train_structure(pairs: list[Pair], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True, device: str | torch.device = "cpu") -> pd.DataFrame:
+def train_structure(
+    pairs: list[Pair], structure: str, cfg: SegConfig, folds: int, out_dir: Path | str, *, clip_percentile: float | None = None, progress: bool = True, device: str | torch.device = "cpu"
+) -> pd.DataFrame:
     """Train one structure's k-fold ensemble in this process (:func:`train_structures` with one job)."""
     return train_structures([StructureJob([Pair(*p) for p in pairs], structure, cfg, folds, Path(out_dir), clip_percentile)], progress=progress, device=device)[0]
 
@@ -849,7 +886,9 @@ def predict_label(image: np.ndarray, vs: tuple[list, SegConfig], cochlea: tuple[
     return compose_label(predict_probabilities(vs[0], image, vs[1]), predict_probabilities(cochlea[0], image, cochlea[1]), keep_largest_vs)
 
 
-def prediction_rows(stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target", device: str | torch.device = "cpu") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+def prediction_rows(
+    stage01: Path | str, model_root: Path | str, centres: tuple[str, ...] = ("London", "Tilburg"), sub: str = "target", device: str | torch.device = "cpu"
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """For the first stage-01 hrT2 of each centre: (title, slice, predicted label slice, truth slice or
     None) at the slice with the largest true VS (where a miss shows), or the largest predicted VS when
     there is no truth."""

@@ -111,7 +111,18 @@ def teacher_dirs(stage06: Path | str, root: Path | str, k: int) -> dict[str, Pat
     return {s: base / s for s in seg.STRUCTURES}
 
 
-def pseudo_label_round(data_dir: Path | str, stage01: Path | str, teacher: dict[str, Path], out: Path, spacing_xyz: tuple[float, float, float], *, keep_largest_vs: bool = True, cochlea_components: int = 0, progress: bool = True, device: str = "cpu") -> tuple[list[seg.Pair], pd.DataFrame]:
+def pseudo_label_round(
+    data_dir: Path | str,
+    stage01: Path | str,
+    teacher: dict[str, Path],
+    out: Path,
+    spacing_xyz: tuple[float, float, float],
+    *,
+    keep_largest_vs: bool = True,
+    cochlea_components: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+) -> tuple[list[seg.Pair], pd.DataFrame]:
     """Pseudo-label every ``training_target`` hrT2 on the crop at ``spacing_xyz``.
 
     Returns:
@@ -171,7 +182,9 @@ def student_settings(base: dict, cfg: SelfTrainingConfig, spacing_xyz: tuple[flo
     return settings
 
 
-def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu") -> dict:
+def run_round(
+    k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu"
+) -> dict:
     """Run (or resume, or reuse) round ``k``; returns its manifest. ``workers``: processes that train
     the round's models side by side (:func:`crossmoda_lib.segmentation.train_structures`); ``device``:
     where the teachers predict and the students train."""
@@ -218,7 +231,9 @@ def run_round(k: int, cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Pa
     return manifest
 
 
-def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu") -> pd.DataFrame:
+def self_train(
+    cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | str, stage06: Path | str, root: Path | str, *, workers: int = 1, progress: bool = True, device: str = "cpu"
+) -> pd.DataFrame:
     """All rounds; writes ``dice_by_round.csv`` (every round's pseudo-label Dice) and ``manifest.json``.
 
     Returns:
@@ -231,7 +246,17 @@ def self_train(cfg: SelfTrainingConfig, data_dir: Path | str, stage01: Path | st
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case", "centre", "vs_mm3", "cochlea_mm3", "round"])
     cio.write_text_atomic(root / "dice_by_round.csv", table.to_csv(index=False))
     final = round_dir(root, cfg.trained_rounds) if cfg.trained_rounds else Path(stage06)
-    seg.save_manifest(root, {"stage": "07_self_training", "rounds": cfg.rounds, "trained_rounds": cfg.trained_rounds, "final_models": {s: os.path.relpath(Path(final).resolve() / s, root.resolve()) for s in seg.STRUCTURES}, "settings": asdict(cfg), "round_wall_s": [m["wall_s"] for m in manifests]})
+    seg.save_manifest(
+        root,
+        {
+            "stage": "07_self_training",
+            "rounds": cfg.rounds,
+            "trained_rounds": cfg.trained_rounds,
+            "final_models": {s: os.path.relpath(Path(final).resolve() / s, root.resolve()) for s in seg.STRUCTURES},
+            "settings": asdict(cfg),
+            "round_wall_s": [m["wall_s"] for m in manifests],
+        },
+    )
     return table
 
 

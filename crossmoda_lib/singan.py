@@ -149,7 +149,10 @@ def pyramid_for(height: int, width: int, cfg: SinGANConfig) -> Pyramid:
         raise ValueError(f"image {height}x{width} is too small for min_size {cfg.min_size}")
     sf = (cfg.min_size / min(h1, w1)) ** (1.0 / stop_scale)
     if cfg.num_scales and abs(sf - sf0) > 0.05:
-        raise ValueError(f"num_scales {cfg.num_scales} from min_size {cfg.min_size} to {min(h1, w1)} px needs a factor of {sf:.3f} between scales, too far from scale_factor {sf0}; change num_scales, min_size or max_size")
+        raise ValueError(
+            f"num_scales {cfg.num_scales} from min_size {cfg.min_size} to {min(h1, w1)} px needs a factor of {sf:.3f} between scales, too far from scale_factor {sf0}; "
+            "change num_scales, min_size or max_size"
+        )
     # ceil as the original imresize, with a tolerance: 250 * sf**15 is 25 up to float rounding.
     sizes = tuple((math.ceil(h1 * sf ** (stop_scale - n) - 1e-6), math.ceil(w1 * sf ** (stop_scale - n) - 1e-6)) for n in range(stop_scale + 1))
     return Pyramid(num_scales, stop_scale, scale1, sf, sizes)
@@ -380,7 +383,9 @@ def train_scale(model: SinGANModel, n: int, progress: bool = True, prev_state: t
     return net_g, net_d, history
 
 
-def train_singan(image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *, progress: bool = True, stop_after_scale: int | None = None, device: str | torch.device = "cpu") -> tuple[SinGANModel, list[dict]]:
+def train_singan(
+    image: torch.Tensor, cfg: SinGANConfig, out_dir: Path | str, *, progress: bool = True, stop_after_scale: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[SinGANModel, list[dict]]:
     """Train (or resume) a SinGAN pyramid on one image; one checkpoint per scale in ``out_dir``.
 
     Args:
@@ -500,7 +505,13 @@ def save_summary(model: SinGANModel, out_dir: Path | str, extra: dict) -> None:
         "stage": "04_singan",
         "library_version": __version__,
         "settings": asdict(model.cfg),
-        "pyramid": {"num_scales": model.pyramid.num_scales, "stop_scale": model.pyramid.stop_scale, "scale1": model.pyramid.scale1, "scale_factor": model.pyramid.scale_factor, "sizes": [list(s) for s in model.pyramid.sizes]},
+        "pyramid": {
+            "num_scales": model.pyramid.num_scales,
+            "stop_scale": model.pyramid.stop_scale,
+            "scale1": model.pyramid.scale1,
+            "scale_factor": model.pyramid.scale_factor,
+            "sizes": [list(s) for s in model.pyramid.sizes],
+        },
         "noise_amps": model.noise_amps,
         **extra,
     }
@@ -548,7 +559,9 @@ def pick_training_slice(stage01: Path | str, centre: str, case: str = "", slice_
     return path.name.removesuffix("_hrT2.nii.gz"), z, volume[z]
 
 
-def train_stage(stage01: Path | str, out_dir: Path | str, cfg: SinGANConfig, centre: str, case: str = "", slice_index: int = -1, *, progress: bool = True, device: str | torch.device = "cpu") -> tuple[SinGANModel, list[dict]]:
+def train_stage(
+    stage01: Path | str, out_dir: Path | str, cfg: SinGANConfig, centre: str, case: str = "", slice_index: int = -1, *, progress: bool = True, device: str | torch.device = "cpu"
+) -> tuple[SinGANModel, list[dict]]:
     """Stage 04: pick the training slice, train (or resume, or reuse) the pyramid on ``device``, write
     the manifest and ``training_slice.npy`` (the image stage 05 needs to rebuild the pyramid)."""
     device = devices.resolve(device)
@@ -587,8 +600,10 @@ def figure_rows(model: SinGANModel, seeds: tuple[int, ...] = (1, 2, 3), start_sc
     noise; above it, fresh noise)."""
     n = model.pyramid.n_scales
     shown = sorted({0, n // 3, (2 * n) // 3, n - 1})
-    pyramid = [("training pyramid", [(f"scale {k} ({h}x{w})", _np(model.reals[k])) for k, (h, w) in ((k, model.pyramid.sizes[k]) for k in shown)]),
-               ("reconstruction", [(f"scale {k}", _np(reconstruct(model, k + 1))) for k in shown])]
+    pyramid = [
+        ("training pyramid", [(f"scale {k} ({h}x{w})", _np(model.reals[k])) for k, (h, w) in ((k, model.pyramid.sizes[k]) for k in shown)]),
+        ("reconstruction", [(f"scale {k}", _np(reconstruct(model, k + 1))) for k in shown]),
+    ]
     start_scales = start_scales or tuple(sorted({0, n // 2, n - 2}))
     samples = [(f"samples from scale {s}", [(f"seed {seed}", _np(sample(model, seed, start_scale=s))) for seed in seeds]) for s in start_scales]
     return {"pyramid": pyramid, "samples": samples}

@@ -509,7 +509,11 @@ def render(subject: Subject, grid: Grid, modality: str, spec: CentreSpec, rng: n
     kz, jy, ix = (np.arange(sl.stop, dtype=np.float32) for sl in full)
     m = grid.matrix
     centre = np.asarray(grid.origin) + m @ ((np.array(grid.size) - 1) / 2.0)
-    p = [np.float32((grid.origin[a] - centre[a]) / 100.0) + np.float32(m[a, 0] / 100) * ix[None, None, :] + np.float32(m[a, 1] / 100) * jy[None, :, None] + np.float32(m[a, 2] / 100) * kz[:, None, None] for a in range(3)]
+    p = [
+        np.float32((grid.origin[a] - centre[a]) / 100.0) + np.float32(m[a, 0] / 100) * ix[None, None, :] + np.float32(m[a, 1] / 100) * jy[None, :, None]
+        + np.float32(m[a, 2] / 100) * kz[:, None, None]
+        for a in range(3)
+    ]
     c = subject.bias_coef.astype(np.float32)
     log_bias = c[0] * p[0] + c[1] * p[1] + c[2] * p[2] + c[3] * p[0] * p[0] + c[4] * p[1] * p[1] + c[5] * p[2] * p[2] + c[6] * p[0] * p[1] + c[7] * p[1] * p[2] + c[8] * p[0] * p[2]
     image *= np.exp(log_bias)
@@ -745,7 +749,9 @@ def ensure_cohort(data_dir: Path | str, seed: int, cases_per_centre: int, fov: s
                 differ = {k: (made[k], v) for k, v in asked.items() if k in made and made[k] != v}
                 if differ:
                     said = ", ".join(f"{k} {old!r} (asked: {new!r})" for k, (old, new) in differ.items())
-                    raise cio.DataError(f"{data_dir}: holds a synthetic cohort made with {said}; delete the folder and the run's stage folders made from it to regenerate, or set data_dir to another folder")
+                    raise cio.DataError(
+                        f"{data_dir}: holds a synthetic cohort made with {said}; delete the folder and the run's stage folders made from it to regenerate, or set data_dir to another folder"
+                    )
         return data_dir, False
     generate_cohort(data_dir, seed=seed, cases_per_centre=cases_per_centre, fov=fov, test_cases_per_centre=test_cases_per_centre, overwrite=True)
     return data_dir, True

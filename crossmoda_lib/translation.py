@@ -453,7 +453,10 @@ def _crop(x: torch.Tensor, generator: torch.Generator, size: int | None) -> torc
     return x[..., top : top + size, left : left + size]
 
 
-def train_cyclegan(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, *, stop_after: int | None = None, progress: bool = True, device: str | torch.device = "cpu") -> tuple[CycleGAN, pd.DataFrame]:
+def train_cyclegan(
+    slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, *, stop_after: int | None = None,
+    progress: bool = True, device: str | torch.device = "cpu",
+) -> tuple[CycleGAN, pd.DataFrame]:
     """Train (or resume, or reuse) a CycleGAN; checkpoints and ``losses.csv`` go to ``out_dir``.
 
     Args:
@@ -625,7 +628,17 @@ def stage_volumes(stage01: Path | str, sub: str, modality: str, centres: list[st
     return [p for p in paths if cio.centre_of(p.name) in centres]
 
 
-def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, centres: list[str], *, min_anatomy_fraction: float = 0.1, progress: bool = True, stop_after: int | None = None, device: str | torch.device = "cpu") -> tuple[CycleGAN, pd.DataFrame, dict]:
+def train_stage(
+    stage01: Path | str,
+    out_dir: Path | str,
+    cfg: CycleGANConfig,
+    centres: list[str],
+    *,
+    min_anatomy_fraction: float = 0.1,
+    progress: bool = True,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[CycleGAN, pd.DataFrame, dict]:
     """Stage 02: train the CycleGAN on stage-01 ceT1 (source) and hrT2 (target) slices of ``centres``.
 
     Every input volume, and the device, is checked before training starts. With ``cfg.draws`` > 1
@@ -646,7 +659,14 @@ def train_stage(stage01: Path | str, out_dir: Path | str, cfg: CycleGANConfig, c
         raise cio.DataError("\n".join(str(p) for p in problems))
     slices_a = collect_slices(paths_a, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
     slices_b = collect_slices(paths_b, cfg.image_size, min_anatomy_fraction=min_anatomy_fraction)
-    summary = {"centres": list(centres), "ceT1_cases": len(paths_a), "hrT2_cases": len(paths_b), "ceT1_slices": int(slices_a.shape[0]), "hrT2_slices": int(slices_b.shape[0]), "slice_size": list(slices_a.shape[-2:])}
+    summary = {
+        "centres": list(centres),
+        "ceT1_cases": len(paths_a),
+        "hrT2_cases": len(paths_b),
+        "ceT1_slices": int(slices_a.shape[0]),
+        "hrT2_slices": int(slices_b.shape[0]),
+        "slice_size": list(slices_a.shape[-2:]),
+    }
     out_dir = Path(out_dir)
     if cfg.draws == 1:
         nets, history = train_cyclegan(slices_a, slices_b, cfg, out_dir, stop_after=stop_after, progress=progress, device=device)
@@ -682,7 +702,9 @@ DRAW_COLUMNS = ("draw", "seed", "iterations", "vs_band_dice", "vs_csf_contrast",
 DRAW_CRITERION = "vs_band_dice"
 
 
-def screen_draws(slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, source_paths: list[Path], *, progress: bool = True, device: str | torch.device = "cpu") -> pd.DataFrame:
+def screen_draws(
+    slices_a: torch.Tensor, slices_b: torch.Tensor, cfg: CycleGANConfig, out_dir: Path | str, source_paths: list[Path], *, progress: bool = True, device: str | torch.device = "cpu"
+) -> pd.DataFrame:
     """The draw gate: train ``cfg.draws`` CycleGANs (:meth:`CycleGANConfig.draw`) for
     ``cfg.draw_epochs`` epochs each, translate every source ceT1 volume with each and score it by
     :data:`DRAW_CRITERION` (:func:`vs_measures`) against the source labels; the best draw is ``chosen``.
@@ -854,7 +876,11 @@ def comparison_rows(stage01: Path | str, stage03: Path | str) -> list[tuple[str,
             continue
         case = src[0].name.removesuffix("_ceT1.nii.gz")
         z = vs_slice(src[0].parent / f"{case}_Label.nii.gz")
-        panels = [("ceT1", _slice(src[0], z)), ("pseudo-hrT2", _slice(stage03 / "pseudo_hrT2" / f"{case}_pseudoT2.nii.gz", z)), ("Van Cittert", _slice(stage03 / "pseudo_hrT2_vc" / f"{case}_pseudoT2.nii.gz", z))]
+        panels = [
+            ("ceT1", _slice(src[0], z)),
+            ("pseudo-hrT2", _slice(stage03 / "pseudo_hrT2" / f"{case}_pseudoT2.nii.gz", z)),
+            ("Van Cittert", _slice(stage03 / "pseudo_hrT2_vc" / f"{case}_pseudoT2.nii.gz", z)),
+        ]
         if tgt:
             truth = cio.truth_label_path(stage01, tgt[0].name)
             zt = vs_slice(truth) if truth.exists() else sitk.ReadImage(str(tgt[0])).GetSize()[2] // 2

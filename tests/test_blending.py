@@ -149,7 +149,14 @@ def test_structure_levels_against_hand_values():
     assert levels == pytest.approx({"level": 0.5, "contrast": 0.4})
     assert bl.structure_levels(image / 2, mask) == pytest.approx(levels)
     assert bl.structure_levels(image / 2, mask, scale=1.0) == pytest.approx({"level": 0.25, "contrast": 0.2})  # image units
-    for face in ((7, slice(8, 12), slice(8, 12)), (12, slice(8, 12), slice(8, 12)), (slice(8, 12), 7, slice(8, 12)), (slice(8, 12), 12, slice(8, 12)), (slice(8, 12), slice(8, 12), 7), (slice(8, 12), slice(8, 12), 12)):
+    for face in (
+        (7, slice(8, 12), slice(8, 12)),
+        (12, slice(8, 12), slice(8, 12)),
+        (slice(8, 12), 7, slice(8, 12)),
+        (slice(8, 12), 12, slice(8, 12)),
+        (slice(8, 12), slice(8, 12), 7),
+        (slice(8, 12), slice(8, 12), 12),
+    ):
         image[face] = 0.9  # the voxels touching a face (partial volume) are not part of the shell
     assert bl.structure_levels(image, mask)["contrast"] == pytest.approx(0.4)
     assert np.isnan(bl.structure_levels(image, np.zeros(image.shape, bool))["level"])

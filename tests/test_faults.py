@@ -9,7 +9,6 @@ where a one-line message was due, leaks between splits. The kills of a whole run
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from crossmoda_lib import cli, config, devices, inference, runs
+from crossmoda_lib import cli, config, inference, runs
 from crossmoda_lib import io as cio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,7 +285,12 @@ def test_die_with_parent_exits_at_once_when_the_parent_is_already_gone(tmp_path)
 
 def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_first(tmp_path):
     holder = subprocess.Popen(
-        [PYTHON, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from crossmoda_lib import io as cio\nwith cio.folder_lock({str(tmp_path / 'out')!r}, 'crossmoda run params/demo.yaml'):\n    print('locked', flush=True); time.sleep(60)"],
+        [
+            PYTHON,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from crossmoda_lib import io as cio\n"
+            f"with cio.folder_lock({str(tmp_path / 'out')!r}, 'crossmoda run params/demo.yaml'):\n    print('locked', flush=True); time.sleep(60)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -154,7 +154,15 @@ def test_smoke_02_03_outputs(smoke_run):
 
     tmp, _ = smoke_run
     out = tmp / "outputs"
-    for name in ("02_cyclegan/checkpoint.pt", "02_cyclegan/losses.csv", "02_cyclegan/manifest.json", "02_cyclegan/figures/losses.png", "02_cyclegan/figures/cycle_examples.png", "03_translate/manifest.json", "03_translate/figures/pseudo_hrT2.png"):
+    for name in (
+        "02_cyclegan/checkpoint.pt",
+        "02_cyclegan/losses.csv",
+        "02_cyclegan/manifest.json",
+        "02_cyclegan/figures/losses.png",
+        "02_cyclegan/figures/cycle_examples.png",
+        "03_translate/manifest.json",
+        "03_translate/figures/pseudo_hrT2.png",
+    ):
         assert (out / name).is_file(), name
     # The draw gate (smoke: 2 draws): both screened, the chosen one is the stage's CycleGAN.
     draws = pd.read_csv(out / "02_cyclegan" / "draws.csv")
@@ -213,7 +221,9 @@ def test_smoke_04_05_outputs(smoke_run):
         assert cio.geometry_mismatch(volume, source) is None and cio.geometry_mismatch(label, source) is None
     # Section 4: one level row per augmentation, the structure brighter after lambda >= 2.
     levels = pd.read_csv(out / "05_blending" / "structure_levels.csv")
-    assert list(levels[["case", "structure", "lambda", "start_scale"]].itertuples(index=False, name=None)) == list(table[["case", "structure", "lambda", "start_scale"]].itertuples(index=False, name=None))
+    assert list(levels[["case", "structure", "lambda", "start_scale"]].itertuples(index=False, name=None)) == list(
+        table[["case", "structure", "lambda", "start_scale"]].itertuples(index=False, name=None)
+    )
     cochlea = levels[levels.structure == "cochlea"]
     assert (cochlea.level_after > cochlea.level_before).all()
 
@@ -430,7 +440,10 @@ def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(t
 
     def record(profile_file) -> None:
         profile = config.load_profile(ablation)
-        entries = [{"notebook": f"notebooks/{stem}.ipynb", "status": "ok", "parameters": config.notebook_parameters(profile, stem, runs.declared_parameters(notebooks[stem]))} for stem in ("06_segmentation", "07_self_training", "09_evaluation")]
+        entries = [
+            {"notebook": f"notebooks/{stem}.ipynb", "status": "ok", "parameters": config.notebook_parameters(profile, stem, runs.declared_parameters(notebooks[stem]))}
+            for stem in ("06_segmentation", "07_self_training", "09_evaluation")
+        ]
         entries.append({"notebook": "notebooks/08_inference.ipynb", "status": "failed", "parameters": {}})
         (run / "run_manifest.json").write_text(json.dumps({"profile": "ablation", "profile_file": str(profile_file), "notebooks": entries}))
 
@@ -501,7 +514,9 @@ def test_a_run_killed_in_02_and_interrupted_in_06_resumes_to_an_uninterrupted_ru
     out = tmp_path / "outputs"
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "crossmoda_lib", "run", str(profile), "--no-progress"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "crossmoda_lib", "run", str(profile), "--no-progress"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
 
     def stop(proc: subprocess.Popen, how: str) -> None:
         family = _descendants(proc.pid)

@@ -41,6 +41,15 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"^\./run_all\.sh test$", ci, re.M)
 
 
+def test_the_linter_passes_on_code_tests_benchmarks_and_notebooks():
+    """`ruff check` with the configuration of pyproject.toml ([tool.ruff]: line length 200, pyflakes,
+    pycodestyle, isort, pyupgrade, bugbear), notebooks included: what CI enforces."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    assert config["line-length"] == 200 and "*.ipynb" in config["extend-include"]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_project_never_reads_the_developers_shared_folder():
     pattern = re.compile(r"\.\./shared|/work/shared")
     for path in [*ROOT.glob("crossmoda_lib/*.py"), *ROOT.glob("notebooks/*.ipynb"), *ROOT.glob("params/*.yaml"), *ROOT.glob("benchmarks/*.py"), ROOT / "run_all.sh"]:

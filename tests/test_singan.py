@@ -22,7 +22,7 @@ def test_pyramid_matches_the_original_formulas():
     assert p17.n_scales == 17 and p17.sizes[-1] == (256, 256)
     assert p17.scale_factor == pytest.approx((25 / 256) ** (1 / 16))
     # Sizes shrink by the effective factor, from an independent computation.
-    for n, (h, w) in enumerate(p17.sizes):
+    for n, (h, _w) in enumerate(p17.sizes):
         assert h == math.ceil(256 * p17.scale_factor ** (16 - n) - 1e-6)
     # The number of scales made explicit (the paper profile's num_scales: 17) is the same pyramid;
     # 18 (the other reading of "N = 17") steps by (25 / 256) ** (1 / 17); an impossible count is refused.

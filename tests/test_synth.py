@@ -203,7 +203,7 @@ def test_subjects_differ_in_shape():
     """Not one template with a moved tumour: cochlea and brainstem shapes vary between subjects."""
     a = synth.make_subject(np.random.default_rng([0, 0, 0, 0]), 2)
     b = synth.make_subject(np.random.default_rng([0, 0, 0, 1]), 2)
-    la, lb = {l.name: l for l in a.layers}, {l.name: l for l in b.layers}
+    la, lb = {layer.name: layer for layer in a.layers}, {layer.name: layer for layer in b.layers}
     assert la["cochlea_left"].shape.major != lb["cochlea_left"].shape.major
     assert not np.allclose(la["brainstem"].shape.radii, lb["brainstem"].shape.radii)
     assert la["brainstem"].shape.lumps[0][0].tolist() != lb["brainstem"].shape.lumps[0][0].tolist()
