@@ -171,6 +171,43 @@ def _run_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["diff", "show"], help="diff: every setting two profiles give differently; show: one profile, its extends merged in")
+    p.add_argument("profiles", nargs="+", help="profile files or names under params/ (demo, paper, smoke, ablations/no_tba)")
+
+
+@command("profile", "compare profiles side by side (crossmoda profile diff paper demo) or show one merged")(_setup_profile)
+def _run_profile(args: argparse.Namespace) -> int:
+    import yaml
+
+    from crossmoda_lib import config
+
+    if args.action == "show":
+        if len(args.profiles) != 1:
+            print("crossmoda profile: show takes one profile", file=sys.stderr)
+            return 2
+        profile = config.load_profile(config.profile_file(args.profiles[0]))
+        print(yaml.safe_dump({"common": profile["common"], "notebooks": profile["notebooks"], **({"reuse": profile["reuse"]} if profile["reuse"] else {})}, sort_keys=False), end="")
+        return 0
+    if len(args.profiles) != 2:
+        print("crossmoda profile: diff takes two profiles", file=sys.stderr)
+        return 2
+    a, b = (config.load_profile(config.profile_file(p)) for p in args.profiles)
+    rows = config.profile_differences(a, b)
+    names = [Path(p).stem for p in args.profiles]
+    width = max([len(f"{s}.{k}") for s, k, _, _ in rows] + [7])
+
+    def shown(value) -> str:
+        return "(absent)" if value is None else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+    left = max([len(shown(v)) for _, _, v, _ in rows] + [len(names[0])])
+    print(f"{'setting':<{width}}  {names[0]:<{left}}  {names[1]}")
+    for section, key, va, vb in rows:
+        print(f"{section + '.' + key:<{width}}  {shown(va):<{left}}  {shown(vb)}")
+    print(f"{len(rows)} settings differ")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossmoda", description="crossMoDA 2022 companion: data, stages and evaluation.")
     from crossmoda_lib import __version__

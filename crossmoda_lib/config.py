@@ -118,6 +118,40 @@ def _resolve_extends(path: Path, chain: list[Path]) -> Any:
     return merged
 
 
+def merged_profile(path: Path | str) -> dict[str, Any]:
+    """A profile file as one mapping, its ``extends`` chain merged in (no key checked): what a test
+    or a script copies elsewhere and edits, since a relative ``extends`` would not follow it."""
+    data = _resolve_extends(Path(path), [])
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping with a 'common' section")
+    return data
+
+
+def profile_file(name: Path | str) -> Path:
+    """A profile named on a command line: a path, or a name under ``params/`` (``demo``, ``ablations/no_tba``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = project_root() / "params" / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    raise ProfileError(f"{name}: profile file not found (a path, or a name in {project_root() / 'params'})")
+
+
+def profile_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """Every setting two loaded profiles give differently, as (section, key, value in a, value in b);
+    ``section`` is ``common`` or a notebook name; a key one of them lacks has ``None`` there."""
+    rows = []
+    sections = [("common", a["common"], b["common"])]
+    for name in sorted({*a["notebooks"], *b["notebooks"]}):
+        sections.append((name, a["notebooks"].get(name, {}), b["notebooks"].get(name, {})))
+    for name, left, right in sections:
+        for key in [*left, *(k for k in right if k not in left)]:
+            if left.get(key) != right.get(key):
+                rows.append((name, key, left.get(key), right.get(key)))
+    return rows
+
+
 def _checked_sections(path: Path, data: Any) -> Any:
     """One profile file's ``common`` and ``notebooks`` checked to be mappings (each notebook's
     section too; an empty one means no changes), before it is merged with the file it extends."""

@@ -68,7 +68,7 @@ def test_auto_takes_the_gpu_and_a_missing_index_is_named(one_gpu):
 
 def _demo_with(tmp_path, key: str, value=None) -> Path:
     """``params/demo.yaml`` with ``common.<key>`` left out (``value`` None) or set to ``value``, as ``p.yaml``."""
-    demo = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    demo = config.merged_profile(ROOT / "params" / "demo.yaml")
     if value is None:
         del demo["common"][key]
     else:
@@ -86,7 +86,7 @@ def test_profiles_default_to_auto_and_reject_unknown_devices(tmp_path):
 
 
 def test_a_missing_gpu_stops_a_run_before_any_work(no_gpu, tmp_path):
-    profile = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    profile = config.merged_profile(ROOT / "params" / "smoke.yaml")
     profile["common"].update(device="cuda", data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"))
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump(profile))

@@ -315,7 +315,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused_naming_the_first(tmp_
 
 def _profile(tmp_path: Path, name: str = "p.yaml", notebooks: dict | None = None, **common) -> Path:
     """The smoke profile with its folders in ``tmp_path`` and the given changes."""
-    profile = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    profile = config.merged_profile(ROOT / "params" / "smoke.yaml")
     profile["common"].update(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "outputs"))
     profile["common"].update(common)
     for stem, section in (notebooks or {}).items():

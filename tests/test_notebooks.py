@@ -69,7 +69,7 @@ def test_every_profile_fits_every_notebook(profile):
 
 def test_profile_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    demo = yaml.safe_load((ROOT / "params" / "demo.yaml").read_text())
+    demo = config.merged_profile(ROOT / "params" / "demo.yaml")
     demo["notebooks"]["01_preprocess"]["crop_szie"] = [1, 2]
     bad.write_text(yaml.safe_dump(demo))
     with pytest.raises(config.ProfileError, match=r"bad.yaml: notebooks.01_preprocess has key\(s\) \['crop_szie'\]"):
@@ -81,7 +81,7 @@ def test_profile_errors_name_the_file_and_key(tmp_path):
 
 
 def _smoke_profile(tmp_path: Path, **overrides) -> Path:
-    profile = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    profile = config.merged_profile(ROOT / "params" / "smoke.yaml")
     profile["common"]["data_dir"] = str(tmp_path / "data")
     profile["common"]["output_dir"] = str(tmp_path / "outputs")
     for key, value in overrides.items():
@@ -248,7 +248,7 @@ def test_smoke_06_07_08_outputs(smoke_run):
         case = title.split()[-1]
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "01_preprocess" / "synthetic_truth" / f"{case}_hrT2_Label.nii.gz")))
         assert (truth_slice == 1).sum() == (truth == 1).sum(axis=(1, 2)).max() > 0
-    smoke = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())["notebooks"]["07_self_training"]
+    smoke = config.merged_profile(ROOT / "params" / "smoke.yaml")["notebooks"]["07_self_training"]
     rounds = smoke["rounds"] + 1  # the rounds, then the final model
     targets = sorted(p.name.replace("_hrT2", "_Label") for p in (data / "training_target").glob("*_hrT2.nii.gz"))
     for k in range(1, rounds + 1):
@@ -429,7 +429,7 @@ def test_an_ablation_made_from_stages_re_run_since_is_stale(tmp_path):
 def test_an_ablation_run_with_settings_its_profile_no_longer_gives_is_outdated(tmp_path):
     """``outdated_parameters`` compares the parameters a run recorded with what its profile file
     gives now: a change of the profile it extends makes the run's comparison two changes, not one."""
-    smoke = yaml.safe_load((config.project_root() / "params" / "smoke.yaml").read_text())
+    smoke = config.merged_profile(config.project_root() / "params" / "smoke.yaml")
     base = tmp_path / "base.yaml"  # the demo profile's role; ablations extend it
     base.write_text(yaml.safe_dump(smoke))
     ablation = tmp_path / "ablation.yaml"
@@ -555,3 +555,42 @@ def test_a_run_killed_in_02_and_interrupted_in_06_resumes_to_an_uninterrupted_ru
         assert mine.keys() == theirs.keys(), rel
         assert all(mine[k].equal(theirs[k]) for k in mine), rel
     assert not [p for p in out.rglob("*") if ".partial" in p.name], "no partial file survives the rerun"
+
+
+def test_demo_and_smoke_are_the_paper_plus_their_differences():
+    """params/paper.yaml states every setting; demo.yaml and smoke.yaml extend it and list only what
+    they change (a key repeated with the paper's value would hide which settings are the demo's own),
+    and every one of the demo's changes carries its reason as a comment."""
+    import re
+
+    paper = config.load_profile(ROOT / "params" / "paper.yaml")
+    assert "extends" not in yaml.safe_load((ROOT / "params" / "paper.yaml").read_text())
+    for name in ("demo", "smoke"):
+        raw = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
+        assert raw["extends"] == "paper.yaml", name
+        sections = [("common", raw["common"], paper["common"])] + [(nb, keys, paper["notebooks"][nb]) for nb, keys in raw["notebooks"].items()]
+        for section, keys, base in sections:
+            for key, value in keys.items():
+                assert key in base, f"{name}.yaml: {section}.{key} is not a setting of paper.yaml"
+                assert value != base[key], f"{name}.yaml: {section}.{key} repeats the paper's value {value!r}"
+    text = (ROOT / "params" / "demo.yaml").read_text()
+    lines = text.splitlines()
+    uncommented = [line.split(":")[0].strip() for above, line in zip(["", *lines], lines) if re.match(r"^ {4}\w+:", line) and "#" not in line and not above.strip().startswith("#")]
+    assert uncommented == [], f"demo.yaml: settings changed without a reason: {uncommented}"
+
+
+def test_profile_diff_lists_every_difference_side_by_side(capsys):
+    from crossmoda_lib import cli
+
+    assert cli.main(["profile", "diff", "paper", "demo"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:-1]}
+    assert rows["02_cyclegan.ngf"] == ["64", "8"] and rows["06_segmentation.optimizer"] == ["sgd", "adam"]
+    differences = config.profile_differences(config.load_profile(ROOT / "params" / "paper.yaml"), config.load_profile(ROOT / "params" / "demo.yaml"))
+    assert out[-1] == f"{len(differences)} settings differ" and len(rows) == len(differences) > 40
+    assert "02_cyclegan.lambda_cycle" not in rows  # the same in both
+    assert cli.main(["profile", "show", "demo"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["notebooks"] == config.load_profile(ROOT / "params" / "demo.yaml")["notebooks"]
+    assert cli.main(["profile", "diff", "paper", "nonexistent"]) == 2
+    assert "nonexistent: profile file not found" in capsys.readouterr().err
