@@ -2,7 +2,7 @@
 
 One run of the pipeline is one draw: the seed drives the synthetic cohort, the CycleGAN (and its
 draw gate), the SinGAN and the segmentation networks, and the CPU's kernel family gives another
-training path again (README, "Where the networks run"). This benchmark runs a profile (the demo by
+training path again (docs/running.md). This benchmark runs a profile (the demo by
 default) once per seed, each into its own output folder, plus seed 0 with ``cpu_kernels: native``,
 and writes one row per run to ``<root>/seeds.csv`` (:data:`crossmoda_lib.report.SEED_COLUMNS`):
 
@@ -24,7 +24,7 @@ It prints, after every run, the table so far and the median, the worst run and t
 Resumable: a run that stopped (a killed benchmark, a session's end) continues where it was, since
 every stage resumes or reuses its checkpoints; a finished run's row is kept in
 ``<root>/seed<s>_<kernels>/bench_seeds/row.json`` and not recomputed. A demo run takes 35-60 minutes on
-a 2-core CPU (README, "Results"): start it in the background (``nohup ... &``) and read the log.
+a 2-core CPU (docs/results.md): start it in the background (``nohup ... &``) and read the log.
 
 Kept across checkouts: ``outputs/`` is not committed, so each finished row is also written to
 ``--record`` (``benchmarks/results/seeds/seed<s>_<kernels>.json``, committed), with the git commit

@@ -2,7 +2,7 @@
 
 ``auto`` takes the first CUDA GPU when torch sees one and the CPU otherwise; ``cpu``, ``cuda`` and
 ``cuda:N`` ask for that device and fail at once, with the reason, when it is not there (a paper
-profile that silently fell back to the CPU would train for months: README, "Results").
+profile that silently fell back to the CPU would train for months: docs/results.md).
 
 Every stage keeps its data, random generators and checkpoints on the CPU and moves only the
 networks and the tensors they compute on. So a checkpoint written on a GPU resumes on the CPU and the

@@ -45,7 +45,7 @@ SPLITS: dict[str, str] = {
 }
 #: Splits a data folder may leave out. ``test`` is a held-out hrT2 split with truth that only a
 #: synthetic cohort (or a user's own labelled data) has: the demo reports on it, and chooses no
-#: setting by it (README, "Results"). The challenge's own test set is hidden.
+#: setting by it (docs/results.md). The challenge's own test set is hidden.
 OPTIONAL_SPLITS = ("test",)
 CENTRES = {"ldn": "London", "etz": "Tilburg"}
 LABEL_VALUES = {0: "background", 1: "VS", 2: "cochlea"}

@@ -123,7 +123,7 @@ class SegConfig:
             of up to this fraction of half the patch along each axis (0: at the centre, as nnU-Net
             samples; 1: anywhere in the patch). With few training volumes, centred patches teach
             the network that the structure sits at the patch centre, and sliding-window inference
-            then marks false regions at window centres (README, stage 06).
+            then marks false regions at window centres (docs/method.md, stage 06).
         elastic: elastic deformation in the augmentation (nnU-Net: off for 3d_fullres).
         augment: apply the augmentation.
         overlap: sliding-window overlap (0.5).
