@@ -80,22 +80,53 @@ def finished(run_dir: Path) -> bool:
     return bool(saved.get("finished")) and {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")} <= names
 
 
-def code_stamp(root: Path = ROOT) -> str:
-    """sha256 (16 hex digits) of the files that decide a run's numbers: ``crossmoda_lib`` (code and
-    reference data), the notebooks and every profile under ``params/`` (a profile may extend another)."""
+def code_stamp(root: Path = ROOT, profile: Path | None = None) -> str:
+    """sha256 (16 hex digits) of what decides a run's numbers, so that a recorded row is reused only
+    by the same computation: the syntax trees of ``crossmoda_lib``'s modules, of the notebooks' code
+    cells and of this benchmark and its translation score (comments, docstrings and layout left out,
+    so that reformatting or rewording keeps the rows), the bytes of ``crossmoda_lib/reference``, and
+    the benchmarked profile as loaded (its ``extends`` chain merged; default ``params/demo.yaml``)."""
     import hashlib
 
+    import nbformat
+
+    from crossmoda_lib import config
+
     digest = hashlib.sha256()
-    files = [
-        *sorted((root / "crossmoda_lib").rglob("*.py")),
-        *sorted((root / "crossmoda_lib" / "reference").glob("*")),
-        *sorted((root / "notebooks").glob("*.ipynb")),
-        *sorted((root / "params").rglob("*.yaml")),
-    ]
-    for path in files:
+
+    def add(name: str, payload: bytes) -> None:
+        digest.update(name.encode() + b"\0" + payload + b"\0")
+
+    sources = [*sorted((root / "crossmoda_lib").rglob("*.py")), root / "benchmarks" / "bench_seeds.py", root / "benchmarks" / "bench_translation_quality.py"]
+    for path in sources:
+        add(str(path.relative_to(root)), syntax(path.read_text()).encode())
+    for path in sorted((root / "crossmoda_lib" / "reference").glob("*")):
         if path.is_file():
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+            add(str(path.relative_to(root)), path.read_bytes())
+    for path in sorted((root / "notebooks").glob("*.ipynb")):
+        cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        add(str(path.relative_to(root)), "\0".join(syntax(c) for c in cells).encode())
+    loaded = config.load_profile(profile or root / "params" / "demo.yaml")
+    add("profile", json.dumps({k: v for k, v in loaded.items() if k != "path"}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def syntax(source: str) -> str:
+    """Python source as its syntax tree without docstrings (``ast.dump``); source that does not
+    parse (a notebook magic) is taken as it is."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def recorded(record: Path | None, seed: int, kernels: str, code: str) -> dict | None:
@@ -215,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = config.resolve_path(args.profile)
     root = config.resolve_path(args.root)
     record = config.resolve_path(args.record) if args.record else None
-    code = code_stamp()
+    code = code_stamp(profile=base)
     own = config.load_profile(base)["common"]["cpu_kernels"]
     jobs = [(s, own) for s in args.seeds] + [(s, "native") for s in args.native_seeds if own != "native"]
     print(f"{len(jobs)} runs of {args.profile} into {root}: " + ", ".join(f"seed {s} ({k})" for s, k in jobs), flush=True)

@@ -58,13 +58,59 @@ def test_bench_seeds_writes_the_seed_table_and_resumes(tmp_path):
     # The committed record: the same row with its code stamp. A checkout without the run folder
     # takes it while the code is the same and runs the seed again once the code differs.
     kept = json.loads((tmp_path / "record" / "seed0_avx2.json").read_text())
-    assert kept == rows[0] and kept["code"] == bench.code_stamp() and row.code == kept["code"] and len(row.commit) >= 7
-    assert bench.recorded(tmp_path / "record", 0, "avx2", bench.code_stamp()) == kept
+    smoke = ROOT / "params" / "smoke.yaml"
+    assert kept == rows[0] and kept["code"] == bench.code_stamp(profile=smoke) and row.code == kept["code"] and len(row.commit) >= 7
+    assert bench.recorded(tmp_path / "record", 0, "avx2", bench.code_stamp(profile=smoke)) == kept
     assert bench.recorded(tmp_path / "record", 0, "avx2", "another") is None and bench.recorded(tmp_path / "record", 1, "avx2", kept["code"]) is None
     import shutil
 
     shutil.rmtree(run)
     assert bench.main(args) == rows and not run.exists()
+
+
+def test_the_code_stamp_follows_the_computation_not_its_layout(tmp_path):
+    """A recorded row is reused while the computation is the same: comments, docstrings, layout, a
+    notebook's prose and a profile rewritten as another extends chain keep the stamp; a changed
+    constant in the library or a notebook's code, or a changed setting, changes it."""
+    import shutil
+
+    import nbformat
+
+    bench = _bench()
+    for name in ("crossmoda_lib", "notebooks", "params"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("bench_seeds.py", "bench_translation_quality.py"):
+        shutil.copy(ROOT / "benchmarks" / name, tmp_path / "benchmarks" / name)
+
+    def stamp():
+        return bench.code_stamp(tmp_path, tmp_path / "params" / "demo.yaml")
+
+    first = stamp()
+    metrics_py = tmp_path / "crossmoda_lib" / "metrics.py"
+    text = metrics_py.read_text()
+    assert '"""' in text
+    metrics_py.write_text("# a new comment\n" + text.replace('"""', '"""Reworded. ', 1).replace("\n\n\n", "\n\n\n\n", 1))
+    notebook = tmp_path / "notebooks" / "09_evaluation.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    next(c for c in nb.cells if c.cell_type == "markdown").source += "\n\nAnother sentence."
+    nbformat.write(nb, notebook)
+    demo = tmp_path / "params" / "demo.yaml"
+    demo.write_text(demo.read_text().replace("extends: paper.yaml", "extends: ./paper.yaml  # the same file"))
+    assert stamp() == first
+    for change in (
+        lambda: metrics_py.write_text(metrics_py.read_text() + "\nEXTRA = 1\n"),
+        lambda: nbformat.write(_with_code(nbformat.read(notebook, as_version=4)), notebook),
+        lambda: demo.write_text(demo.read_text().replace("ngf: 8", "ngf: 9")),
+    ):
+        before = stamp()
+        change()
+        assert stamp() != before
+
+
+def _with_code(nb):
+    next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])).source += "\nx = 1"
+    return nb
 
 
 def test_seed_summary_reports_median_worst_and_failures():
