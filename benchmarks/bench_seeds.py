@@ -82,7 +82,8 @@ def finished(run_dir: Path) -> bool:
 
 def code_stamp(root: Path = ROOT, profile: Path | None = None) -> str:
     """sha256 (16 hex digits) of what decides a run's numbers, so that a recorded row is reused only
-    by the same computation: the syntax trees of ``crossmoda_lib``'s modules, of the notebooks' code
+    by the same computation: the syntax trees of the ``crossmoda_lib`` modules a run executes
+    (:func:`library_modules`), of the notebooks' code
     cells and of this benchmark and its translation score (comments, docstrings and layout left out,
     so that reformatting or rewording keeps the rows), the bytes of ``crossmoda_lib/reference``, and
     the benchmarked profile as loaded (its ``extends`` chain merged; default ``params/demo.yaml``)."""
@@ -97,18 +98,55 @@ def code_stamp(root: Path = ROOT, profile: Path | None = None) -> str:
     def add(name: str, payload: bytes) -> None:
         digest.update(name.encode() + b"\0" + payload + b"\0")
 
-    sources = [*sorted((root / "crossmoda_lib").rglob("*.py")), root / "benchmarks" / "bench_seeds.py", root / "benchmarks" / "bench_translation_quality.py"]
-    for path in sources:
+    notebooks = {path: [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"] for path in sorted((root / "notebooks").glob("*.ipynb"))}
+    benches = [root / "benchmarks" / "bench_seeds.py", root / "benchmarks" / "bench_translation_quality.py"]
+    used = library_modules(root, [*(c for cells in notebooks.values() for c in cells), *(p.read_text() for p in benches)])
+    for path in [*(root / "crossmoda_lib" / f"{m}.py" for m in sorted(used)), *benches]:
         add(str(path.relative_to(root)), syntax(path.read_text()).encode())
     for path in sorted((root / "crossmoda_lib" / "reference").glob("*")):
         if path.is_file():
             add(str(path.relative_to(root)), path.read_bytes())
-    for path in sorted((root / "notebooks").glob("*.ipynb")):
-        cells = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    for path, cells in notebooks.items():
         add(str(path.relative_to(root)), "\0".join(syntax(c) for c in cells).encode())
     loaded = config.load_profile(profile or root / "params" / "demo.yaml")
     add("profile", json.dumps({k: v for k, v in loaded.items() if k != "path"}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+#: what ``crossmoda run`` executes the notebooks with, whatever the notebooks import
+RUNNER = ("__init__", "runs", "config", "schema")
+
+
+def library_modules(root: Path, sources: list[str]) -> set[str]:
+    """The ``crossmoda_lib`` modules a run executes: those the given sources (the notebooks' code
+    cells, the benchmark) import, the runner's, and whatever those import in turn, lazily too. Not
+    ``cli`` nor a module nothing of the run imports: a new command does not change a run's numbers."""
+    import ast
+
+    def imported(source: str) -> set[str]:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            return set()
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "crossmoda_lib":
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("crossmoda_lib."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("crossmoda_lib.")}
+        return {m for m in found if (root / "crossmoda_lib" / f"{m}.py").is_file()}
+
+    todo = set(RUNNER).union(*(imported(s) for s in sources))
+    done: set[str] = set()
+    while todo:
+        module = todo.pop()
+        done.add(module)
+        todo |= imported((root / "crossmoda_lib" / f"{module}.py").read_text()) - done
+    return done
 
 
 def syntax(source: str) -> str:

@@ -70,8 +70,9 @@ def test_bench_seeds_writes_the_seed_table_and_resumes(tmp_path):
 
 def test_the_code_stamp_follows_the_computation_not_its_layout(tmp_path):
     """A recorded row is reused while the computation is the same: comments, docstrings, layout, a
-    notebook's prose and a profile rewritten as another extends chain keep the stamp; a changed
-    constant in the library or a notebook's code, or a changed setting, changes it."""
+    notebook's prose, a profile rewritten as another extends chain, a new module no run imports and
+    a new command keep the stamp; a changed constant in the library or a notebook's code, or a
+    changed setting, changes it."""
     import shutil
 
     import nbformat
@@ -97,6 +98,9 @@ def test_the_code_stamp_follows_the_computation_not_its_layout(tmp_path):
     nbformat.write(nb, notebook)
     demo = tmp_path / "params" / "demo.yaml"
     demo.write_text(demo.read_text().replace("extends: paper.yaml", "extends: ./paper.yaml  # the same file"))
+    (tmp_path / "crossmoda_lib" / "book.py").write_text("PAGES = 9\n")  # a module no run imports
+    cli = tmp_path / "crossmoda_lib" / "cli.py"
+    cli.write_text(cli.read_text() + "\nNEW_COMMAND = 1\n")  # the command line dispatches; it does not compute
     assert stamp() == first
     for change in (
         lambda: metrics_py.write_text(metrics_py.read_text() + "\nEXTRA = 1\n"),
