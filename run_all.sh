@@ -4,6 +4,7 @@
 #   ./run_all.sh             run every notebook with params/demo.yaml (the default profile)
 #   ./run_all.sh smoke       ... with params/smoke.yaml (any params/<name>.yaml, or a path to a YAML file)
 #   ./run_all.sh test [ARGS] install, then run the test suite (pytest ARGS)
+#   ./run_all.sh book [NAME] a static site of that profile's finished run (default demo): outputs/<profile>/book
 #   ./run_all.sh --only 09_evaluation    re-run some notebooks of the demo profile (extra options go to crossmoda run)
 #
 # Creates .venv with the pinned dependencies on first use (and again when pyproject.toml changes),
@@ -51,6 +52,11 @@ case "$target" in
   test)
     shift
     exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  book)  # ./run_all.sh book [profile]: the site of that profile's finished run (default demo)
+    shift
+    run=$("$VENV/bin/python" -c 'import sys; from crossmoda_lib import config; print(config.load_profile(sys.argv[1])["common"]["output_dir"])' "params/${1:-demo}.yaml")
+    exec "$VENV/bin/python" -m crossmoda_lib book "$run"
     ;;
   *.yaml|*.yml)
     profile=$target

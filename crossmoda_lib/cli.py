@@ -171,6 +171,20 @@ def _run_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_book(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", default="outputs/demo", help="a finished run's output folder (default outputs/demo)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="site folder (default <run>/book)")
+
+
+@command("book", "a static site of a finished run: index, the nine executed notebooks, results (nothing recomputed)")(_setup_book)
+def _run_book(args: argparse.Namespace) -> int:
+    from crossmoda_lib import book, config
+
+    site = book.build(config.resolve_path(args.run), args.output)
+    print(f"{site}: {len(list(site.glob('*.html')))} pages; open {site / 'index.html'}")
+    return 0
+
+
 def _setup_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["diff", "show"], help="diff: every setting two profiles give differently; show: one profile, its extends merged in")
     p.add_argument("profiles", nargs="+", help="profile files or names under params/ (demo, paper, smoke, ablations/no_tba)")

@@ -594,3 +594,42 @@ def test_profile_diff_lists_every_difference_side_by_side(capsys):
     assert shown["notebooks"] == config.load_profile(ROOT / "params" / "demo.yaml")["notebooks"]
     assert cli.main(["profile", "diff", "paper", "nonexistent"]) == 2
     assert "nonexistent: profile file not found" in capsys.readouterr().err
+
+
+@pytest.mark.notebook
+def test_the_book_renders_every_notebook_figure_and_table_of_a_finished_run(smoke_run, tmp_path):
+    """``crossmoda book``: an index (the method picture, the headline table, a link per stage), the
+    nine executed notebooks with every figure they show, and a results page with every table and
+    figure stage 09 saved; built from the saved outputs only, replacing the previous site whole."""
+    import base64
+    import re
+
+    from crossmoda_lib import book, cli
+
+    tmp, _ = smoke_run
+    out = tmp / "outputs"
+    site = book.build(out, tmp_path / "site")
+    pages = sorted(p.name for p in site.glob("*.html"))
+    assert pages == sorted(["index.html", "results.html", *(f"{p.stem}.html" for p in NOTEBOOKS)])
+    index = (site / "index.html").read_text()
+    for nb in NOTEBOOKS:
+        assert f'href="{nb.stem}.html"' in index
+        executed = nbformat.read(out / "executed" / nb.name, as_version=4)
+        shown = [o["data"]["image/png"] for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+        html = (site / f"{nb.stem}.html").read_text()
+        assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', html)) == len(shown), nb.stem
+        assert all(png.strip().replace("\n", "")[:200] in html.replace("\n", "") for png in shown), nb.stem
+        assert 'href="index.html"' in html
+    assert base64.b64encode(book.method_picture()).decode()[:200] in index
+    headline = (out / "09_evaluation" / "tables" / "table1.md").read_text()
+    assert headline.splitlines()[0] in index
+    results = (site / "results.html").read_text()
+    tables = sorted((out / "09_evaluation" / "tables").glob("*.md"))
+    figures = sorted((out / "09_evaluation" / "figures").glob("*.png"))
+    assert tables and figures
+    assert all(t.stem in results for t in tables) and len(re.findall(r'<img[^>]*src="data:image/png;base64,', results)) == len(figures)
+    # Built again: the same pages, no staging folder left; a run without notebooks is refused by name.
+    (site / "stale.html").write_text("from an older build")
+    assert cli.main(["book", str(out), "-o", str(site)]) == 0
+    assert sorted(p.name for p in site.glob("*.html")) == pages and not list(tmp_path.glob(".site*"))
+    assert cli.main(["book", str(tmp_path / "nothing")]) == 2
