@@ -633,3 +633,26 @@ def test_the_book_renders_every_notebook_figure_and_table_of_a_finished_run(smok
     assert cli.main(["book", str(out), "-o", str(site)]) == 0
     assert sorted(p.name for p in site.glob("*.html")) == pages and not list(tmp_path.glob(".site*"))
     assert cli.main(["book", str(tmp_path / "nothing")]) == 2
+
+
+EXERCISES = sorted((ROOT / "exercises").glob("*.ipynb"))
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", EXERCISES, ids=lambda p: p.stem)
+def test_an_exercise_runs_on_a_finished_run_and_its_worked_answer_holds(smoke_run, path, tmp_path):
+    """docs/course.md's exercises: committed without outputs, a tagged parameters cell naming the run,
+    and a worked solution whose cells assert the answer's claims on the run's own numbers."""
+    import papermill
+
+    source = nbformat.read(path, as_version=4)
+    code = [c for c in source.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", []) and "output_dir" in code[0].source
+    assert any("solution" in c.metadata.get("tags", []) and "assert" in c.source for c in code)
+    tmp, _ = smoke_run
+    out = tmp_path / path.name
+    papermill.execute_notebook(str(path), str(out), parameters={"output_dir": str(tmp / "outputs")}, kernel_name=runs.KERNEL_NAME, cwd=str(ROOT), progress_bar=False)
+    executed = nbformat.read(out, as_version=4)
+    assert not any(o.get("output_type") == "error" for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells if c.cell_type == "code" for o in c.outputs)
