@@ -28,8 +28,8 @@ a 2-core CPU (docs/results.md): start it in the background (``nohup ... &``) and
 
 Kept across checkouts: ``outputs/`` is not committed, so each finished row is also written to
 ``--record`` (``benchmarks/results/seeds/seed<s>_<kernels>.json``, committed), with the git commit
-it ran on and ``code``, a hash of everything that decides the numbers (the library, the notebooks,
-the profiles: :func:`code_stamp`). A later call takes a recorded row instead of running the seed
+it ran on and ``code``, a hash of what decides the numbers (the syntax of the library modules a
+run executes and of the notebooks' code, this benchmark, the loaded profile: :func:`code_stamp`). A later call takes a recorded row instead of running the seed
 again only when its ``code`` is the current one; a row of other code is run again (and its record
 replaced), so the table never mixes code versions.
 """
